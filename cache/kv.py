@@ -1,0 +1,135 @@
+"""A position-indexed KV cache that HF models write into through the `Cache` interface.
+
+Each layer keeps preallocated buffers [B, H, capacity, D] that grow by doubling, so a decode
+step writes its rows in place instead of concatenating (and copying) the whole cache. Rejecting
+draft rows is a length change; keeping a non-contiguous accepted path gathers at most `depth`
+rows; eviction replaces a layer's buffers with the kept rows (memory really drops).
+
+Layers may hold different lengths after layer-wise eviction: logical positions live with the
+sequence, not here, and attention sees exactly the rows each layer holds.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+MIN_CAPACITY = 64
+
+
+class GrowableLayer(DynamicLayer):
+    """One layer's keys and values: buffers [B, H, capacity, D] of which `length` rows are live."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.length = 0
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self._allocate(key_states.shape[:2], key_states.shape[-1], max(MIN_CAPACITY, key_states.shape[-2]))
+        self.is_initialized = True
+
+    def _allocate(self, bh: torch.Size, head_dim: int, capacity: int) -> None:
+        shape = (*bh, capacity, head_dim)
+        k = torch.empty(shape, dtype=self.dtype, device=self.device)
+        v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        if self._k is not None and self.length:
+            k[:, :, : self.length] = self._k[:, :, : self.length]
+            v[:, :, : self.length] = self._v[:, :, : self.length]
+        self._k, self._v = k, v
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._k is None else self._k.shape[2]
+
+    def _sync_views(self) -> None:
+        self.keys = self._k[:, :, : self.length]
+        self.values = self._v[:, :, : self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append [B, H, T, D] rows; return views of all live rows [B, H, length, D]."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if self.length + n > self.capacity:
+            self._allocate(self._k.shape[:2], self._k.shape[-1], max(2 * self.capacity, self.length + n))
+        self._k[:, :, self.length : self.length + n] = key_states
+        self._v[:, :, self.length : self.length + n] = value_states
+        self.length += n
+        self._sync_views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def truncate(self, length: int) -> None:
+        """Drop rows from `length` on (rejected draft rows)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a layer of {self.length} rows to {length}")
+        self.length = length
+        if self.is_initialized:
+            self._sync_views()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative count of rows to remove")
+        self.truncate(self.length + tokens_to_remove)
+
+    def keep_rows(self, start: int, rows: torch.Tensor) -> None:
+        """Keep rows `rows` (absolute indices >= start, ascending) at start.., drop the rest."""
+        k = rows.numel()
+        # index_select copies the (few) source rows first, so overlapping source/target is safe.
+        self._k[:, :, start : start + k] = self._k.index_select(2, rows)
+        self._v[:, :, start : start + k] = self._v.index_select(2, rows)
+        self.truncate(start + k)
+
+    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Swap in compacted rows [B, H, K, D] (eviction): the old buffers are freed."""
+        self._k, self._v = keys.contiguous(), values.contiguous()
+        self.length = keys.shape[2]
+        self.device, self.dtype = keys.device, keys.dtype
+        self.is_initialized = True
+        self._sync_views()
+
+    def nbytes(self) -> int:
+        return 0 if self._k is None else self._k.nbytes + self._v.nbytes
+
+
+class KVCache(Cache):
+    """Per-sequence cache: one GrowableLayer per decoder layer."""
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__(layers=[GrowableLayer() for _ in range(num_layers)])
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].length
+
+    def lengths(self) -> list[int]:
+        return [layer.length for layer in self.layers]
+
+    def total_rows(self) -> int:
+        """Cached entries over all layers and KV heads (what `stats` reports as kept)."""
+        return sum(layer.length * (layer._k.shape[1] if layer._k is not None else 0) for layer in self.layers)
+
+    def truncate_new(self, n_new: int, keep: int) -> None:
+        """After a step that appended `n_new` rows to every layer, keep only the first `keep` of them."""
+        for layer in self.layers:
+            layer.truncate(layer.length - n_new + keep)
+
+    def keep_path(self, n_new: int, rows: list[int]) -> None:
+        """After a tree step that appended `n_new` packed rows to every layer, keep the rows whose
+        packed indices are `rows` (row 0 first, then the accepted path, ascending). A slice when the
+        rows are 0..k-1, otherwise a gather of len(rows) rows per layer."""
+        if rows == list(range(len(rows))):
+            self.truncate_new(n_new, len(rows))
+            return
+        for layer in self.layers:
+            start = layer.length - n_new
+            index = torch.tensor([start + r for r in rows], device=layer.device)
+            layer.keep_rows(start, index)
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)

@@ -1,0 +1,123 @@
+"""Sampling: penalties, warpers and the draw itself, as plain functions.
+
+Every function takes one row of logits (shape [V], any float dtype) and works in fp32.
+The same functions serve plain decoding and tree verification, which is what keeps
+lookahead sampling exact in distribution: each tree node is sampled from exactly the
+distribution plain decoding would use at that prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings. `temperature == 0` means greedy."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        )
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator: seeded when asked, so a request with a seed is reproducible."""
+    gen = torch.Generator(device="cpu")
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def apply_penalties(
+    logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int], output_ids: Sequence[int]
+) -> torch.Tensor:
+    """Repetition penalty (HF/CTRL style, over prompt + output) and OpenAI presence/frequency
+    penalties (over output only). logits: [V] fp32; returns a new tensor."""
+    if not params.has_penalties:
+        return logits
+    logits = logits.clone()
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
+        if seen.numel():
+            vals = logits[seen]
+            logits[seen] = torch.where(
+                vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty
+            )
+    if output_ids and (params.presence_penalty != 0.0 or params.frequency_penalty != 0.0):
+        ids, counts = torch.tensor(list(output_ids), dtype=torch.long).unique(return_counts=True)
+        logits[ids] -= params.presence_penalty + params.frequency_penalty * counts.to(logits.dtype)
+    return logits
+
+
+def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k, then top-p, as HF applies them. logits: [V] fp32 → [V] fp32 with
+    -inf on removed tokens."""
+    logits = logits / params.temperature
+    if params.top_k > 0 and params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove_sorted = cum <= 1.0 - params.top_p
+        remove_sorted[-1] = False  # always keep the most likely token
+        remove = torch.zeros_like(remove_sorted).scatter(0, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def next_token_distribution(
+    logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int], output_ids: Sequence[int]
+) -> torch.Tensor:
+    """The probabilities the next token is drawn from. logits: [V] → probs [V] fp32.
+    For greedy params this is one-hot on the (penalised) argmax."""
+    logits = apply_penalties(logits.float(), params, prompt_ids, output_ids)
+    if params.greedy:
+        probs = torch.zeros_like(logits)
+        probs[int(torch.argmax(logits))] = 1.0
+        return probs
+    return warp(logits, params).softmax(-1)
+
+
+def choose_token(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    prompt_ids: Sequence[int],
+    output_ids: Sequence[int],
+    generator: torch.Generator | None,
+) -> int:
+    """Pick the next token from one row of logits [V]: argmax when greedy, else a draw."""
+    logits = apply_penalties(logits.float(), params, prompt_ids, output_ids)
+    if params.greedy:
+        return int(torch.argmax(logits))
+    probs = warp(logits, params).softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

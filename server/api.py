@@ -1,0 +1,281 @@
+"""HTTP layer: validate, submit to the engine, return JSON or stream SSE. No torch here."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from trieserve.decoding.sampling import SamplingParams
+from trieserve.server.errors import (
+    ContextLengthError,
+    InvalidRequestError,
+    ModelNotFoundRequestError,
+    ModelNotReadyError,
+    QueueFullError,
+    TrieserveError,
+    error_body,
+)
+from trieserve.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from trieserve.server.sequence import Delta, Failure, Finish, GenerationRequest
+from trieserve.server.state import ServerState
+
+log = logging.getLogger(__name__)
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="trieserve", version="0.1.0", lifespan=state.lifespan)
+    app.state.server = state
+    _install_error_handlers(app, state)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        if request.url.path.startswith("/v1/"):
+            state.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/health")
+    async def health():
+        if state.engine is None:
+            reason = state.load_error or "loading the model"
+            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(state.engine), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        return {
+            "object": "list",
+            "data": [{"id": state.model_name, "object": "model", "created": state.started, "owned_by": "trieserve"}],
+        }
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        engine = state.require_engine()
+        _check_model(body, state)
+        prompt_ids = _completion_prompt(body, state)
+        gen = _generation_request(body, prompt_ids, body.max_tokens, state)
+        return await _respond(request, state, engine, body, gen, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        engine = state.require_engine()
+        _check_model(body, state)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            prompt_ids = state.encode_chat(messages)
+        except Exception as exc:  # a template that rejects the conversation (e.g. role order)
+            raise InvalidRequestError(f"the chat template rejected these messages: {exc}", "messages") from None
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        gen = _generation_request(body, prompt_ids, max_tokens, state)
+        return await _respond(request, state, engine, body, gen, chat=True)
+
+    return app
+
+
+# ---- request building ----------------------------------------------------------------------
+def _check_model(body: SamplingFields, state: ServerState) -> None:
+    if body.model is not None and body.model not in state.model_names:
+        raise ModelNotFoundRequestError(f"the model {body.model!r} does not exist; this server serves {state.model_name!r}", "model")
+
+
+def _completion_prompt(body: CompletionRequest, state: ServerState) -> list[int]:
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise InvalidRequestError("batched prompts are not supported: send one prompt per request", "prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidRequestError("prompt must not be empty", "prompt")
+        return state.encode(prompt)
+    if not prompt:
+        raise InvalidRequestError("prompt must not be empty", "prompt")
+    bad = [t for t in prompt if not 0 <= t < state.vocab_size]
+    if bad:
+        raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{state.vocab_size - 1})", "prompt")
+    return list(prompt)
+
+
+def _generation_request(body: SamplingFields, prompt_ids: list[int], max_tokens: int | None, state: ServerState):
+    if not prompt_ids:
+        raise InvalidRequestError("the prompt is empty after tokenization", "messages")
+    context = state.max_context
+    if len(prompt_ids) >= context:
+        raise ContextLengthError(
+            f"the prompt has {len(prompt_ids)} tokens; this model's context is {context} tokens", "messages"
+        )
+    if max_tokens is None:
+        max_tokens = context - len(prompt_ids)
+    elif len(prompt_ids) + max_tokens > context:
+        raise ContextLengthError(
+            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) = {len(prompt_ids) + max_tokens} "
+            f"exceeds this model's context of {context} tokens",
+            "max_tokens",
+        )
+    try:
+        params = SamplingParams(
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=max(body.top_k, 0),
+            repetition_penalty=body.repetition_penalty,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            seed=body.seed,
+        )
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from None
+    if body.logprobs:
+        raise InvalidRequestError("logprobs are not supported", "logprobs")
+    extra = sorted(set(body.model_extra or {}))
+    if extra:
+        log.debug("ignoring unknown request fields: %s", ", ".join(extra))
+    return GenerationRequest(
+        prompt_ids=prompt_ids,
+        max_tokens=max_tokens,
+        params=params,
+        stop=body.stop_list(),
+        lookahead=body.lookahead,
+        kv_policy=body.kv_policy,
+        kv_budget=body.kv_budget,
+        ignore_eos=body.ignore_eos,
+    )
+
+
+# ---- responses -----------------------------------------------------------------------------
+async def _respond(request: Request, state, engine, body: SamplingFields, gen: GenerationRequest, chat: bool):
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    seq = engine.submit(gen, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    created = int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        stream = _stream(events, seq, rid, created, state.model_name, chat, include_usage)
+        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    text: list[str] = []
+    try:
+        while True:
+            try:
+                ev = await asyncio.wait_for(events.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    seq.cancelled.set()
+                    return Response(status_code=499)
+                continue
+            if isinstance(ev, Delta):
+                text.append(ev.text)
+            elif isinstance(ev, Failure):
+                raise ev.error
+            elif isinstance(ev, Finish):
+                break
+    except asyncio.CancelledError:
+        seq.cancelled.set()
+        raise
+    content = "".join(text)
+    choice = (
+        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": ev.reason, "logprobs": None}
+        if chat
+        else {"index": 0, "text": content, "finish_reason": ev.reason, "logprobs": None}
+    )
+    return {
+        "id": rid,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": state.model_name,
+        "choices": [choice],
+        "usage": _usage(ev),
+        "stats": ev.stats,
+    }
+
+
+async def _stream(events, seq, rid, created, model, chat, include_usage) -> AsyncIterator[str]:
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(delta_text: str | None, finish_reason: str | None, first: bool = False, **extra) -> str:
+        if chat:
+            delta = {"role": "assistant", "content": delta_text or ""} if first else {"content": delta_text} if delta_text else {}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": delta_text or "", "finish_reason": finish_reason, "logprobs": None}
+        payload = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice], **extra}
+        return f"data: {json.dumps(payload)}\n\n"
+
+    try:
+        if chat:
+            yield chunk("", None, first=True)
+        while True:
+            ev = await events.get()
+            if isinstance(ev, Delta):
+                if ev.text:
+                    yield chunk(ev.text, None)
+            elif isinstance(ev, Failure):
+                err = ev.error
+                body = err.body() if isinstance(err, TrieserveError) else error_body(f"generation failed: {err}", "server_error")
+                yield f"data: {json.dumps(body)}\n\n"
+                break
+            elif isinstance(ev, Finish):
+                yield chunk(None, ev.reason, stats=ev.stats)
+                if include_usage:
+                    usage = {"id": rid, "object": kind, "created": created, "model": model, "choices": [], "usage": _usage(ev), "stats": ev.stats}
+                    yield f"data: {json.dumps(usage)}\n\n"
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        # runs when the client goes away mid-stream too: the engine drops the sequence next step
+        seq.cancelled.set()
+
+
+def _usage(ev: Finish) -> dict:
+    return {
+        "prompt_tokens": ev.prompt_tokens,
+        "completion_tokens": ev.completion_tokens,
+        "total_tokens": ev.prompt_tokens + ev.completion_tokens,
+    }
+
+
+# ---- errors --------------------------------------------------------------------------------
+def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
+    @app.exception_handler(TrieserveError)
+    async def domain_error(request: Request, exc: TrieserveError):
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFullError) else None
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        if first.get("type") == "json_invalid":
+            message, param = "the request body is not valid JSON", None
+        else:
+            message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+            if len(errors) > 1:
+                message += f" (and {len(errors) - 1} more problem(s))"
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(error_body("internal error", "server_error"), status_code=500)
+
+    _ = (ModelNotReadyError, state)

@@ -1,0 +1,192 @@
+"""The engine: one worker thread owns the model and runs the step loop.
+
+Routes submit a `GenerationRequest` with an `emit` callback and get a `Sequence` back; the worker
+admits sequences from a bounded queue, prefills them, then advances every running sequence one
+decode step per round (draft, verify, accept, rewind). Events flow back through `emit`.
+Errors inside one sequence's step fail that sequence only.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from trieserve.decoding.sampling import choose_token, make_generator
+from trieserve.server.errors import QueueFullError, ServerShuttingDownError
+from trieserve.server.runner import ModelRunner
+from trieserve.server.sequence import Event, Failure, GenerationRequest, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_queue: int = 64
+    max_num_seqs: int = 8
+    lookahead: bool = True
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, tokenizer, config: EngineConfig, metrics=None, speculator=None) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.config = config
+        self.metrics = metrics
+        self.speculator = speculator
+        self.eos_ids = _eos_ids(runner.model, tokenizer)
+        self.waiting: queue.Queue[Sequence] = queue.Queue(maxsize=config.max_queue)
+        self.running: list[Sequence] = []
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._accepting = True
+        self._thread: threading.Thread | None = None
+        self.fault_hook: Callable[[Sequence], None] | None = None  # tests inject per-sequence faults
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="trieserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, grace_s: float = 0.0) -> None:
+        """Stop taking requests; let running ones finish for up to `grace_s`, cancel the rest."""
+        self._accepting = False
+        deadline = time.monotonic() + grace_s
+        while grace_s > 0 and (self.running or not self.waiting.empty()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def queue_length(self) -> int:
+        return self.waiting.qsize()
+
+    # ---- submission (any thread) -------------------------------------------------------------
+    def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> Sequence:
+        if not self._accepting:
+            raise ServerShuttingDownError("the server is shutting down")
+        seq = Sequence(request, self.tokenizer, self.eos_ids, emit)
+        seq.lookahead = self.config.lookahead if request.lookahead is None else request.lookahead
+        seq.lookahead = seq.lookahead and self.speculator is not None
+        try:
+            self.waiting.put_nowait(seq)
+        except queue.Full:
+            raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting)") from None
+        self._wake.set()
+        return seq
+
+    # ---- worker ------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stopping.is_set():
+            self._admit()
+            if not self.running:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            for seq in list(self.running):
+                self._advance(seq)
+        for seq in self.running + _drain(self.waiting):
+            seq.finish("cancelled")
+        self.running.clear()
+
+    def _admit(self) -> None:
+        while len(self.running) < self.config.max_num_seqs:
+            try:
+                seq = self.waiting.get_nowait()
+            except queue.Empty:
+                return
+            self.running.append(seq)
+
+    def _advance(self, seq: Sequence) -> None:
+        try:
+            if seq.cancelled.is_set():
+                seq.finish("cancelled")
+            else:
+                if self.fault_hook is not None:
+                    self.fault_hook(seq)
+                if seq.cache is None:
+                    self._prefill(seq)
+                else:
+                    self._decode(seq)
+                if seq.done:
+                    seq.finish()
+                    if self.metrics is not None:
+                        self.metrics.finished(seq, len(seq.prompt_ids), len(seq.output_ids))
+        except Exception as exc:  # one sequence's failure must not take down the others
+            log.exception("sequence failed")
+            seq.finish_reason = seq.finish_reason or "error"
+            seq.cache = None
+            seq.emit(Failure(exc))
+        if seq.done or seq.finish_reason:
+            if seq in self.running:
+                self.running.remove(seq)
+            if self.speculator is not None:
+                self.speculator.release(seq)
+
+    def _prefill(self, seq: Sequence) -> None:
+        start = time.perf_counter()
+        seq.generator = make_generator(seq.params.seed)
+        seq.cache = self.runner.new_cache()
+        logits = self.runner.prefill(seq.cache, seq.prompt_ids)
+        seq.logical_len = len(seq.prompt_ids)
+        seq.stats.forward_passes += 1
+        seq.stats.kv_tokens_total = seq.logical_len
+        seq.stats.kv_tokens_kept = seq.logical_len
+        if self.speculator is not None:
+            self.speculator.admit(seq)
+        token = choose_token(logits, seq.params, seq.prompt_ids, seq.output_ids, seq.generator)
+        seq.stats.prefill_s = time.perf_counter() - start
+        seq.append([token])
+        seq.pending_token = token
+        seq.first_token_at = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.first_token(seq)
+
+    def _decode(self, seq: Sequence) -> None:
+        start = time.perf_counter()
+        if seq.lookahead:
+            new_tokens, drafted, accepted = self.speculator.step(self.runner, seq)
+        else:
+            new_tokens, drafted, accepted = self._plain_step(seq), 0, 0
+        seq.stats.forward_passes += 1
+        seq.stats.draft_tokens += drafted
+        seq.stats.accepted_tokens += accepted
+        used = seq.append(new_tokens)
+        seq.pending_token = new_tokens[-1]
+        seq.stats.decode_s += time.perf_counter() - start
+        if self.metrics is not None:
+            self.metrics.step(drafted, accepted, used)
+
+    def _plain_step(self, seq: Sequence) -> list[int]:
+        ids = torch.tensor([seq.pending_token])
+        logits = self.runner.step(seq.cache, ids, torch.tensor([seq.logical_len]), None)
+        seq.logical_len += 1
+        return [choose_token(logits[0], seq.params, seq.prompt_ids, seq.output_ids, seq.generator)]
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _drain(q: queue.Queue) -> list[Sequence]:
+    out = []
+    while True:
+        try:
+            out.append(q.get_nowait())
+        except queue.Empty:
+            return out

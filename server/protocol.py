@@ -1,0 +1,99 @@
+"""OpenAI-compatible request bodies (pydantic). Unknown fields are accepted and ignored."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from trieserve.server.settings import KV_POLICIES
+
+Float = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by both endpoints (OpenAI's, then vLLM-style and trieserve extensions)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    temperature: Annotated[Float, Field(ge=0.0, le=100.0)] = 1.0
+    top_p: Annotated[Float, Field(gt=0.0, le=1.0)] = 1.0
+    n: Annotated[int, Field(ge=1, le=1, description="only n=1 is supported")] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    presence_penalty: Annotated[Float, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[Float, Field(ge=-2.0, le=2.0)] = 0.0
+    user: str | None = None
+    # extensions (vLLM-compatible names)
+    top_k: Annotated[int, Field(ge=-1, le=1_000_000)] = 0
+    repetition_penalty: Annotated[Float, Field(gt=0.0, le=100.0)] = 1.0
+    ignore_eos: bool = False
+    # trieserve extensions
+    lookahead: bool | None = Field(None, description="speculate with the trie for this request")
+    kv_policy: str | None = Field(None, description=f"KV eviction policy: one of {', '.join(KV_POLICIES)}")
+    kv_budget: Annotated[Float, Field(gt=0.0)] | None = Field(
+        None, description="KV entries kept: a fraction (<=1) or a token count (>1)"
+    )
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 16:
+            raise ValueError(f"at most 16 stop strings are allowed, got {len(stops)}")
+        for s in stops:
+            if len(s) > 256:
+                raise ValueError(f"stop strings are limited to 256 characters, got one of {len(s)}")
+        return v
+
+    @field_validator("kv_policy")
+    @classmethod
+    def _check_policy(cls, v):
+        if v is not None and v not in KV_POLICIES:
+            raise ValueError(f"unknown kv_policy {v!r}; known: {', '.join(KV_POLICIES)}")
+        return v
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None

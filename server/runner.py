@@ -1,0 +1,104 @@
+"""The model runner: the only code that calls the model's forward.
+
+Every forward is "new rows attend to the whole cache plus, among themselves, what a mask
+allows". Prefill is a chain mask, a plain decode step is one row, a lookahead step is the packed
+draft tree with its ancestor mask. Positions are logical (they continue from the number of tokens
+the sequence has processed, whatever the cache holds after eviction).
+
+The mask reaches attention through transformers' attention interface: the model is loaded with
+`attn_implementation="trieserve"`, a registered function that receives the tree mask as a keyword
+argument of the forward call. No model code is patched.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from trieserve.cache.kv import KVCache
+
+ATTENTION_NAME = "trieserve"
+
+
+def tree_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """query [B, Hq, T, D]; key/value [B, Hkv, S, D] whose last T rows are the new tokens.
+    `tree_mask` (bool [T, T] or [B, T, T]) says which new rows see which; without one the new rows
+    are causal. Returns ([B, T, Hq, D], None) as transformers expects."""
+    tree_mask = kwargs.get("tree_mask")
+    t, s = query.shape[2], key.shape[2]
+    mask = None
+    is_causal = False
+    if t > 1:
+        if tree_mask is None and s == t:
+            is_causal = True
+        else:
+            if tree_mask is None:
+                tree_mask = torch.ones(t, t, dtype=torch.bool, device=query.device).tril_()
+            full = torch.ones(*tree_mask.shape[:-1], s, dtype=torch.bool, device=query.device)
+            full[..., s - t :] = tree_mask
+            mask = full.unsqueeze(-3) if full.dim() == 3 else full
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=True
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, tree_sdpa_attention)
+
+
+class ModelRunner:
+    """Wraps a HF causal LM: prefill and (tree) steps into a per-sequence KVCache."""
+
+    def __init__(self, model, prefill_chunk: int = 512) -> None:
+        model.set_attn_implementation(ATTENTION_NAME)
+        self.model = model
+        self.config = model.config
+        self.device = next(model.parameters()).device
+        self.prefill_chunk = prefill_chunk
+        self.num_layers = model.config.num_hidden_layers
+        self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.num_layers)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        cache: KVCache,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        tree_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """input_ids, position_ids: [T] long; tree_mask: bool [T, T] or None (causal).
+        Returns fp32 logits [T, V] (or [1, V] with last_only)."""
+        kwargs = {"tree_mask": tree_mask.to(self.device)} if tree_mask is not None else {}
+        out = self.model(
+            input_ids=input_ids.to(self.device).unsqueeze(0),
+            position_ids=position_ids.to(self.device).unsqueeze(0),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1 if last_only else 0,
+            **kwargs,
+        )
+        return out.logits[0].float()
+
+    def prefill(self, cache: KVCache, token_ids: list[int], start: int = 0) -> torch.Tensor:
+        """Run tokens[start:] (positions start..) through the model in chunks; logits [V] of the last."""
+        ids = torch.tensor(token_ids, dtype=torch.long)
+        logits = None
+        for lo in range(start, len(token_ids), self.prefill_chunk):
+            hi = min(lo + self.prefill_chunk, len(token_ids))
+            logits = self.forward(cache, ids[lo:hi], torch.arange(lo, hi), last_only=True)
+        assert logits is not None, "prefill needs at least one token"
+        return logits[-1]
+
+    def step(
+        self, cache: KVCache, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One decode step over packed rows (one row, or [last token] + draft tree). Logits [T, V]."""
+        if input_ids.numel() == 1:
+            tree_mask = None
+        return self.forward(cache, input_ids, position_ids, tree_mask)

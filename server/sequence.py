@@ -1,0 +1,177 @@
+"""Per-request state: everything one generation needs lives here, never in globals.
+
+A `Sequence` takes tokens one at a time (even when lookahead accepts several in one step), so
+EOS, stop strings and max_tokens cut an accepted chunk exactly where plain decoding would stop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from trieserve.decoding.sampling import SamplingParams
+
+
+@dataclass
+class GenerationRequest:
+    """What the HTTP layer submits to the engine."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    params: SamplingParams
+    stop: list[str] = field(default_factory=list)
+    lookahead: bool | None = None  # None = server default
+    kv_policy: str | None = None
+    kv_budget: float | None = None
+    ignore_eos: bool = False
+
+
+@dataclass
+class Stats:
+    forward_passes: int = 0  # prefill counts as one pass however many chunks it takes
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    kv_tokens_kept: int = 0
+    kv_tokens_total: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    def as_dict(self, completion_tokens: int) -> dict:
+        return {
+            "forward_passes": self.forward_passes,
+            "draft_tokens": self.draft_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "tokens_per_forward": round(completion_tokens / self.forward_passes, 4) if self.forward_passes else 0.0,
+            "kv_tokens_kept": self.kv_tokens_kept,
+            "kv_tokens_total": self.kv_tokens_total,
+            "prefill_s": round(self.prefill_s, 6),
+            "decode_s": round(self.decode_s, 6),
+        }
+
+
+@dataclass
+class Delta:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class Finish:
+    reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    stats: dict
+
+
+@dataclass
+class Failure:
+    error: Exception
+
+
+Event = Delta | Finish | Failure
+
+
+class TextTracker:
+    """Incremental detokenization with stop strings checked on decoded text, across chunks.
+
+    Text that might be the start of a stop string, or an incomplete UTF-8 character, is held
+    back until it is known to be safe to send.
+    """
+
+    def __init__(self, tokenizer, stop: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0
+
+    def add(self, token_id: int) -> bool:
+        """Append a token; True when a stop string is now complete (text is cut before it)."""
+        self.ids.append(token_id)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.stop:
+            lo = max(0, self.sent - self.hold - 8)
+            hits = [i for i in (self.text.find(s, lo) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                return True
+        return False
+
+    def pending(self, final: bool) -> str:
+        """Text that can be sent now (everything, when final)."""
+        end = len(self.text)
+        if not final:
+            if self.text.endswith("\ufffd"):
+                end -= 1
+            end = max(self.sent, end - self.hold)
+        out = self.text[self.sent : end]
+        self.sent = end
+        return out
+
+
+class Sequence:
+    """One request inside the engine."""
+
+    def __init__(
+        self, request: GenerationRequest, tokenizer, eos_ids: set[int], emit: Callable[[Event], None]
+    ) -> None:
+        self.request = request
+        self.params = request.params
+        self.prompt_ids = request.prompt_ids
+        self.output_ids: list[int] = []
+        self.eos_ids = set() if request.ignore_eos else eos_ids
+        self.text = TextTracker(tokenizer, request.stop)
+        self.emit = emit
+        self.stats = Stats()
+        self.cancelled = threading.Event()
+        self.finish_reason: str | None = None
+        self.cache = None  # the runner's KVCache, set at prefill
+        self.logical_len = 0  # tokens in the cache's logical positions (0..logical_len-1)
+        self.pending_token: int | None = None  # chosen but not yet run through the model
+        self.generator = None
+        self.created = time.monotonic()
+        self.first_token_at: float | None = None
+        self.lookahead = False
+        self.state: dict = {}  # per-sequence data of the speculation machinery (tries, budgets)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, tokens: list[int]) -> int:
+        """Take generated tokens in order until one finishes the sequence; returns how many were
+        used. Sends the new text."""
+        used = 0
+        for tok in tokens:
+            used += 1
+            self.output_ids.append(tok)
+            if tok in self.eos_ids:
+                self.finish_reason = "stop"
+                break
+            if self.text.add(tok):
+                self.finish_reason = "stop"
+                break
+            if len(self.output_ids) >= self.request.max_tokens:
+                self.finish_reason = "length"
+                break
+        text = self.text.pending(final=self.done)
+        if text or self.done:
+            self.emit(Delta(text, tokens[:used]))
+        return used
+
+    def finish(self, reason: str | None = None) -> None:
+        if reason is not None and self.finish_reason is None:
+            self.finish_reason = reason
+        self.emit(
+            Finish(
+                self.finish_reason or "stop",
+                len(self.prompt_ids),
+                len(self.output_ids),
+                self.stats.as_dict(len(self.output_ids)),
+            )
+        )
+        self.cache = None  # free the KV memory now, not when the HTTP side lets go
+        self.state.clear()

@@ -1,0 +1,61 @@
+"""The one place configuration is read: CLI flags and `TRIESERVE_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from platformdirs import user_cache_dir
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+KV_POLICIES = ("full", "streaming", "snapkv", "defensive", "layer_defensive")
+LOOKAHEAD_MODES = ("hierarchical", "parallel", "single")
+
+
+class Settings(BaseSettings):
+    """Server settings. Every field is a `--flag` of `trieserve serve` and a `TRIESERVE_<NAME>` env var."""
+
+    model_config = SettingsConfigDict(env_prefix="TRIESERVE_", extra="ignore", protected_namespaces=())
+
+    # model
+    model: str | None = Field(None, description="local HF model folder; unset = the built-in SmolLM2-135M-Instruct")
+    served_model_name: str | None = Field(None, description="model id reported by the API (default: folder name)")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="weights/activations dtype")
+    device: str = Field("auto", description="'auto' (cuda when available), 'cpu' or 'cuda[:N]'")
+    cache_dir: Path = Field(Path(user_cache_dir("trieserve")), description="where the converted default model lives")
+    # http
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # engine
+    max_queue: int = Field(64, ge=1, description="requests waiting beyond this get 429")
+    max_num_seqs: int = Field(8, ge=1, description="sequences decoding at once")
+    prefill_chunk: int = Field(512, ge=16, description="prompt tokens per prefill forward")
+    shutdown_grace_s: float = Field(10.0, ge=0, description="on shutdown, running requests get this long to finish")
+    # lookahead
+    lookahead: bool = Field(True, description="speculate with the trie (per-request `lookahead` overrides)")
+    decoding_length: int = Field(64, ge=0, le=256, description="max draft tokens in one step's tree")
+    branch_length: int = Field(12, ge=1, le=64, description="max depth of a draft branch")
+    lookahead_mode: Literal["hierarchical", "parallel", "single"] = "hierarchical"
+    max_match: int = Field(4, ge=1, le=16, description="longest context suffix matched in the trie")
+    trie_path: Path | None = Field(None, description="file the shared output trie is loaded from and saved to")
+    trie_capacity: int = Field(500_000, ge=1000, description="max nodes of the shared output trie")
+    # kv cache
+    kv_policy: Literal["full", "streaming", "snapkv", "defensive", "layer_defensive"] = "full"
+    kv_budget: float = Field(1.0, gt=0, description="kept KV entries: a fraction (<=1) or a token count (>1)")
+    kv_window: int = Field(32, ge=1, description="observation window (last prompt tokens) for eviction scores")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if v not in ("auto", "cpu") and not v.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {v!r}")
+        return v
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
