@@ -1,0 +1,101 @@
+"""The model runner against plain transformers, on the real default model (fp32)."""
+
+import pytest
+import torch
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog. The quick brown",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    "Paris is the capital of France. Berlin is the capital of",
+]
+
+
+def ancestor_mask(parents: list[int]) -> torch.Tensor:
+    n = len(parents)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        j = i
+        while j != -1:
+            mask[i, j] = True
+            j = parents[j]
+    return mask
+
+
+def depths(parents: list[int]) -> list[int]:
+    out = []
+    for p in parents:
+        out.append(0 if p == -1 else out[p] + 1)
+    return out
+
+
+def test_tree_step_matches_sequential_paths(runner, tokenizer):
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    n = len(ids)
+    # row 0: last prompt token; a branching tree of depth 3 with shared prefixes
+    tokens = [ids[-1], 11, 22, 33, 44, 55, 66]
+    parents = [-1, 0, 0, 1, 1, 2, 4]
+    cache = runner.new_cache()
+    runner.prefill(cache, ids[:-1])
+    pos = torch.tensor([n - 1 + d for d in depths(parents)])
+    tree_logits = runner.step(cache, torch.tensor(tokens), pos, ancestor_mask(parents))
+    assert cache.get_seq_length() == n - 1 + len(tokens)
+    for leaf in (3, 5, 6):
+        path = []
+        j = leaf
+        while j != -1:
+            path.insert(0, j)
+            j = parents[j]
+        seq_cache = runner.new_cache()
+        runner.prefill(seq_cache, ids[:-1])
+        seq_logits = runner.forward(seq_cache, torch.tensor([tokens[p] for p in path]), torch.arange(n - 1, n - 1 + len(path)))
+        torch.testing.assert_close(tree_logits[path], seq_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_loop_matches_hf_generate(runner, hf_model, tokenizer, prompt):
+    ids = tokenizer(prompt)["input_ids"]
+    expected = hf_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids) :].tolist()
+    cache = runner.new_cache()
+    logits = runner.prefill(cache, ids)
+    out = []
+    for i in range(len(expected)):
+        tok = int(logits.argmax())
+        out.append(tok)
+        logits = runner.step(cache, torch.tensor([tok]), torch.tensor([len(ids) + i]), None)[0]
+    assert out == expected
+
+
+def test_keep_path_gathers_a_non_contiguous_branch(runner, tokenizer):
+    """After a tree step, keeping a branch that is not contiguous in packed order must leave the
+    cache exactly as if only that branch had been run."""
+    ids = tokenizer(PROMPTS[1])["input_ids"]
+    n = len(ids)
+    cont = tokenizer(PROMPTS[1] + " fibonacci(n - 1)")["input_ids"][n:]
+    a, b = cont[0], cont[1]
+    tokens = [ids[-1], 999, a, 998, b]  # row 2 (a) -> row 4 (b) is the real branch
+    parents = [-1, 0, 0, 1, 2]
+    cache = runner.new_cache()
+    runner.prefill(cache, ids[:-1])
+    runner.step(cache, torch.tensor(tokens), torch.tensor([n - 1 + d for d in depths(parents)]), ancestor_mask(parents))
+    cache.keep_path(len(tokens), [0, 2, 4])
+    assert cache.get_seq_length() == n + 2
+    after = runner.step(cache, torch.tensor([cont[2]]), torch.tensor([n + 2]), None)
+
+    ref = runner.new_cache()
+    runner.prefill(ref, ids + [a, b])
+    expected = runner.step(ref, torch.tensor([cont[2]]), torch.tensor([n + 2]), None)
+    torch.testing.assert_close(after, expected, atol=1e-4, rtol=0)
+
+
+def test_cache_grows_in_place_and_truncates(runner, tokenizer):
+    ids = tokenizer(PROMPTS[2])["input_ids"]
+    cache = runner.new_cache()
+    runner.prefill(cache, ids)
+    layer = cache.layers[0]
+    cap = layer.capacity
+    storage = layer._k.data_ptr()
+    runner.step(cache, torch.tensor([5]), torch.tensor([len(ids)]), None)
+    if len(ids) + 1 <= cap:
+        assert layer._k.data_ptr() == storage, "a decode step must write in place, not reallocate"
+    cache.truncate_new(1, 0)
+    assert cache.lengths() == [len(ids)] * runner.num_layers

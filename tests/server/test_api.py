@@ -1,0 +1,124 @@
+"""The real server in a subprocess, driven by the official openai SDK and raw HTTP."""
+
+import httpx
+import openai
+import pytest
+import torch
+
+CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+STATS_KEYS = {
+    "forward_passes", "draft_tokens", "accepted_tokens", "tokens_per_forward",
+    "kv_tokens_kept", "kv_tokens_total", "prefill_s", "decode_s",
+}
+
+
+def test_health_models_metrics(server, client):
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["SmolLM2-135M-Instruct"]
+    client.completions.create(model=ids[0], prompt="Hello", max_tokens=2, temperature=0)
+    text = httpx.get(server.url + "/metrics").text
+    for name in (
+        "trieserve_requests_total", "trieserve_generation_tokens_total", "trieserve_time_to_first_token_seconds_bucket",
+        "trieserve_time_per_output_token_seconds_bucket", "trieserve_e2e_request_latency_seconds_count",
+        "trieserve_queue_length", "trieserve_forward_passes_total",
+    ):
+        assert name in text
+    done = [ln for ln in text.splitlines() if ln.startswith('trieserve_requests_total{endpoint="/v1/completions",status="200"}')]
+    assert done and float(done[0].split()[-1]) >= 1
+
+
+def test_chat_non_streaming_is_coherent(client):
+    resp = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=CHAT, temperature=0, max_tokens=40)
+    assert "Paris" in resp.choices[0].message.content
+    assert resp.choices[0].finish_reason == "stop"
+    assert resp.object == "chat.completion" and resp.id and resp.created
+    assert resp.usage.completion_tokens > 0 and resp.usage.prompt_tokens > 10
+    stats = resp.model_extra["stats"]
+    assert STATS_KEYS <= set(stats)
+    assert stats["forward_passes"] >= 1 and stats["kv_tokens_total"] == resp.usage.prompt_tokens
+
+
+def test_chat_streaming_matches_non_streaming(client):
+    kwargs = dict(model="SmolLM2-135M-Instruct", messages=CHAT, temperature=0, max_tokens=30)
+    full = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert all(c.id == chunks[0].id and c.model == "SmolLM2-135M-Instruct" for c in chunks)
+
+
+def test_completions_streaming_and_max_tokens(client):
+    resp = client.completions.create(model="SmolLM2-135M-Instruct", prompt="Once upon a time", max_tokens=12, temperature=0)
+    assert resp.choices[0].finish_reason == "length" and resp.usage.completion_tokens == 12
+    stream = client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt="Once upon a time", max_tokens=12, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream) == resp.choices[0].text
+
+
+def test_completion_greedy_equals_hf_generate(client, hf_model, tokenizer):
+    prompt = "The three primary colors are"
+    ids = tokenizer(prompt)["input_ids"]
+    ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids) :]
+    resp = client.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=20, temperature=0)
+    assert resp.choices[0].text == tokenizer.decode(ref, skip_special_tokens=True)
+
+
+def test_stop_string_truncates(client):
+    base = client.completions.create(model="SmolLM2-135M-Instruct", prompt="1, 2, 3, 4,", max_tokens=16, temperature=0)
+    text = base.choices[0].text
+    assert " 7" in text, text
+    cut = client.completions.create(model="SmolLM2-135M-Instruct", prompt="1, 2, 3, 4,", max_tokens=16, temperature=0, stop=[" 7"])
+    assert cut.choices[0].text == text[: text.index(" 7")]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(client):
+    kwargs = dict(model="SmolLM2-135M-Instruct", prompt="My favourite animal is", max_tokens=16, temperature=1.0, top_p=0.9)
+    a = client.completions.create(seed=1234, **kwargs).choices[0].text
+    b = client.completions.create(seed=1234, **kwargs).choices[0].text
+    assert a == b
+
+
+def test_unknown_fields_are_ignored(server):
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "temperature": 0, "frobnicate": 3})
+    assert r.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path,body,status,param",
+    [
+        ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, 400, "max_tokens"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
+        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+        ("/v1/chat/completions", {"messages": "hello"}, 400, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "gpt-9"}, 404, "model"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "kv_policy": "magic"}, 400, "kv_policy"),
+        ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+        ("/v1/completions", {"prompt": [1, 2, 10**9]}, 400, "prompt"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 10**6}, 400, "max_tokens"),
+        ("/v1/completions", {"prompt": "word " * 9000}, 400, "messages"),
+        ("/v1/completions", {"prompt": "hi", "n": 3}, 400, "n"),
+    ],
+)
+def test_bad_input_gets_openai_shaped_4xx(server, path, body, status, param):
+    r = httpx.post(server.url + path, json=body, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
+
+
+def test_malformed_json_gets_400(server):
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_sdk_raises_bad_request(client):
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=[], max_tokens=5)
