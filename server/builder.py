@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 
+from trieserve.decoding.draft import DraftConfig
+from trieserve.decoding.trie import OutputStore
 from trieserve.server.engine import Engine, EngineConfig
 from trieserve.server.model import load_model, resolve_model_path
 from trieserve.server.runner import ModelRunner
 from trieserve.server.settings import Settings
+from trieserve.server.speculation import Speculator, StepCost
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,24 @@ def build_engine(settings: Settings, metrics=None):
     config = EngineConfig(
         max_queue=settings.max_queue, max_num_seqs=settings.max_num_seqs, lookahead=settings.lookahead
     )
-    engine = Engine(runner, tokenizer, config, metrics=metrics, speculator=None)
+    engine = Engine(runner, tokenizer, config, metrics=metrics, speculator=build_speculator(settings, runner, path.name))
     engine.start()
     return engine, tokenizer
+
+
+def build_speculator(settings: Settings, runner: ModelRunner, model_tag: str) -> Speculator | None:
+    """The lookahead machinery; None when drafting is off for good (decoding_length 0)."""
+    if settings.decoding_length == 0:
+        return None
+    config = DraftConfig(mode=settings.lookahead_mode, max_match=settings.max_match, branch_length=settings.branch_length)
+    tag = f"{model_tag}:{runner.vocab_size}"
+    store = OutputStore(capacity=settings.trie_capacity, ngram_len=config.ngram_len, tag=tag)
+    path = settings.trie_path
+    if path is not None and path.exists():
+        try:
+            store.load(path)
+            log.info("trie store loaded from %s (%d nodes)", path, len(store))
+        except (ValueError, OSError) as exc:
+            log.error("ignoring the trie store at %s (%s); starting cold", path, exc)
+    cost = StepCost.measure(runner, settings.decoding_length + 1)
+    return Speculator(store, config, settings.decoding_length, cost, trie_path=path)

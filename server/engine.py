@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
 from trieserve.decoding.sampling import choose_token, make_generator
 from trieserve.server.errors import QueueFullError, ServerShuttingDownError
 from trieserve.server.runner import ModelRunner
@@ -63,6 +62,11 @@ class Engine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self.speculator is not None:
+            try:
+                self.speculator.save()
+            except OSError as exc:
+                log.error("could not save the trie store: %s", exc)
 
     @property
     def queue_length(self) -> int:
@@ -75,6 +79,7 @@ class Engine:
         seq = Sequence(request, self.tokenizer, self.eos_ids, emit)
         seq.lookahead = self.config.lookahead if request.lookahead is None else request.lookahead
         seq.lookahead = seq.lookahead and self.speculator is not None
+        seq.max_context = self.runner.max_context
         try:
             self.waiting.put_nowait(seq)
         except queue.Full:
@@ -140,7 +145,7 @@ class Engine:
         seq.stats.forward_passes += 1
         seq.stats.kv_tokens_total = seq.logical_len
         seq.stats.kv_tokens_kept = seq.logical_len
-        if self.speculator is not None:
+        if seq.lookahead:
             self.speculator.admit(seq)
         token = choose_token(logits, seq.params, seq.prompt_ids, seq.output_ids, seq.generator)
         seq.stats.prefill_s = time.perf_counter() - start

@@ -135,6 +135,7 @@ class Sequence:
         self.created = time.monotonic()
         self.first_token_at: float | None = None
         self.lookahead = False
+        self.max_context = 0  # the model's context length, set by the engine
         self.state: dict = {}  # per-sequence data of the speculation machinery (tries, budgets)
 
     @property

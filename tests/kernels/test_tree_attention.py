@@ -81,18 +81,32 @@ def test_kernel_matches_reference(case, dtype, device, tree_helpers):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("num_splits", [2, 5])
+def test_kernel_split_prefix(num_splits, device, tree_helpers):
+    # the prefix split over several programs, merged by the combine kernel; B=2 with
+    # different prefixes, so some splits of the shorter sequence see no key at all
+    case = (2, 4, 1, 15, [300, 5], 330, 32)
+    q, k, v, masks, kv_len = make_inputs(case, torch.float32, device, tree_helpers, seed=5)
+    bits = pack_ancestor_mask(masks)
+    expected = tree_attention_reference(q, k, v, bits, kv_len, 0.2)
+    out = tree_attention_triton(q, k, v, bits, kv_len, 0.2, num_splits=num_splits)
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+
+
+@pytest.mark.triton
 def test_kernel_strided_query_and_empty_rows(device, tree_helpers):
     # q as transformers hands it over (a transposed projection), and one query that sees
     # nothing at all (no prefix, empty mask row): both paths give zeros there.
-    case = (2, 9, 3, 15, [0, 20], 40, 32)
+    case = (2, 9, 3, 15, [0, 120], 150, 32)  # long enough for two splits of 128 keys
     q, k, v, masks, kv_len = make_inputs(case, torch.float32, device, tree_helpers, seed=3)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)
     masks[0, 4] = False
     bits = pack_ancestor_mask(masks)
     expected = tree_attention_reference(q, k, v, bits, kv_len, 0.2)
-    out = tree_attention_triton(q, k, v, bits, kv_len, 0.2)
     assert torch.all(expected[0, 4] == 0)
-    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+    for num_splits in (1, 2):
+        out = tree_attention_triton(q, k, v, bits, kv_len, 0.2, num_splits=num_splits)
+        torch.testing.assert_close(out, expected, **TOL[torch.float32])
 
 
 @pytest.mark.triton

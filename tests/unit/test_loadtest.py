@@ -331,6 +331,9 @@ def fake_app(state: FakeState) -> FastAPI:
                     yield event(
                         [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
                     )
+                if "BREAK" in prompt:  # an error after the stream has started: a final error event
+                    yield f"data: {json.dumps({'error': {'message': 'engine died', 'type': 'internal'}})}\n\n"
+                    return
                 left = n
                 for _ in range(chunks):
                     await asyncio.sleep(0.003)
@@ -404,13 +407,13 @@ def test_output_tokens_come_from_usage_not_chunks(fake_server):
 
 def test_rejections_and_failures_are_counted_apart(fake_server):
     url, _ = fake_server
-    prompts = ["ok", "REJECT me", "FAIL me", "ok", "REJECT again"]
+    prompts = ["ok", "REJECT me", "FAIL me", "ok", "REJECT again", "BREAK me"]
     results, duration = asyncio.run(
         _run(url, lt.LoadPoint(request_rate=math.inf), prompts, endpoint="completions")
     )
     m = lt.summarize(results, duration)
-    assert (m["completed"], m["rejected_429"], m["failed"]) == (2, 2, 1)
-    assert m["failed_by_status"] == {"500": 1}
+    assert (m["completed"], m["rejected_429"], m["failed"]) == (2, 2, 2)
+    assert m["failed_by_status"] == {"500": 1, "stream_error": 1}
 
 
 def test_open_loop_respects_concurrency_cap(fake_server):
@@ -478,6 +481,21 @@ def test_cli_plot_without_or_with_matplotlib(fake_server, tmp_path, capsys):
     else:
         assert png.stat().st_size > 0
     assert "rate=50/s" in printed and "rate=inf/s" in printed
+
+
+def test_cli_json_is_strict_with_infinite_rate(fake_server, tmp_path):
+    url, _ = fake_server
+    out = tmp_path / "inf.json"
+    argv = ["--base-url", url, "--num-prompts", "3", "--num-warmup", "0", "--max-tokens", "2",
+            "--request-rate", "inf", "--no-progress", "--output-json", str(out)]  # fmt: skip
+    assert lt.main(argv) == 0
+
+    def reject(token):
+        raise AssertionError(f"non-standard JSON constant {token}")
+
+    result = json.loads(out.read_text(), parse_constant=reject)
+    assert result["runs"][0]["request_rate"] == "inf" and result["config"]["request_rate"] == "inf"
+    assert result["runs"][0]["completed"] == 3
 
 
 def test_cli_rejects_bad_combinations(capsys):

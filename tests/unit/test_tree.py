@@ -120,7 +120,7 @@ def test_pack_rejects_malformed_tree():
         pack(DraftTree([1, 2], [1, -1]), last_token=0, logical_len=0)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(tree=trees(), logical_len=st.integers(0, 1000))
 def test_pack_mask_is_the_ancestor_relation(tree, logical_len):
     step = pack(tree, last_token=1, logical_len=logical_len)
@@ -135,7 +135,7 @@ def test_pack_mask_is_the_ancestor_relation(tree, logical_len):
         assert step.parent_rows[i + 1] == tree.parents[i] + 1
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(tree=trees(with_probs=True))
 def test_preordered_keeps_paths_and_puts_best_branch_first(tree):
     out = tree.preordered()
@@ -154,7 +154,7 @@ def test_preordered_keeps_paths_and_puts_best_branch_first(tree):
         i = kids[i + 1][0]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(tree=trees(with_probs=True), k=st.integers(0, 30))
 def test_top_keeps_the_most_probable_nodes_as_a_tree(tree, k):
     out = tree.top(k)

@@ -91,16 +91,29 @@ def test_tensor_tokens_and_bad_ranges():
         OutputStore(decay=1.0)
 
 
+def best_time(fn, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def dict_loop(n: int = 32_000) -> None:
+    """A calibration workload: n plain dict stores, to judge timings on a slow or busy machine."""
+    d = {}
+    for i in range(n):
+        d[i] = i
+
+
 def test_prompt_insertion_is_fast():
     rnd = random.Random(1)
-    tokens = [rnd.randrange(32_000) for _ in range(2000)]
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        trie = PromptTrie(tokens, ngram_len=16)
-        best = min(best, time.perf_counter() - start)
-        del trie
-    assert best < 0.1, f"2,000-token prompt took {best * 1e3:.0f} ms"
+    tokens = [rnd.randrange(32_000) for _ in range(2000)]  # all 32,000 n-grams are new nodes
+    took = best_time(lambda: PromptTrie(tokens, ngram_len=16))
+    # ~25 ms (8 dict loops) on an idle slow 2-core box. The relative bound keeps a busy machine
+    # from flaking the test; an O(n * ngram_len^2) walk (~8x the work) still fails it.
+    assert took < 0.1 or took < 40 * best_time(dict_loop), f"2,000-token prompt took {took * 1e3:.0f} ms"
 
 
 def test_decay_prunes_rare_ngrams_and_keeps_frequent_ones():

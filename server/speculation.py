@@ -1,0 +1,166 @@
+"""Lookahead in the engine: tries, the adaptive draft budget, and the decode step itself.
+
+Per step: draft a tree from the tries, cut it to the size that maximises expected tokens per
+second, run [last token] + tree in one forward, accept the longest agreeing path plus a bonus
+token, and keep only those rows in the cache.
+
+The budget needs two estimates. Cost: seconds of a forward with n rows, measured at start-up
+for a ladder of sizes and refined online from every step. Gain: the drafter's per-node path
+probabilities (from trie counts), scaled by a per-sequence calibration factor that tracks how
+many tokens were really accepted against how many the counts promised. With nothing worth
+drafting the step is a plain one-row forward, so the worst case is plain decoding plus the
+(millisecond) drafting cost.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from trieserve.decoding.draft import DraftConfig, accepted_curve, draft, expected_accepted
+from trieserve.decoding.tree import DraftTree, pack
+from trieserve.decoding.trie import OutputStore, PromptTrie
+from trieserve.decoding.verify import verify_greedy, verify_sampling
+
+log = logging.getLogger(__name__)
+
+COST_LADDER = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 257)
+
+
+class StepCost:
+    """Seconds of one forward as a function of the rows it carries (piecewise linear over a
+    ladder of sizes). Online updates are an exponential average per ladder point."""
+
+    def __init__(self, sizes: list[int], seconds: list[float], alpha: float = 0.05) -> None:
+        self.sizes = list(sizes)
+        self.seconds = list(seconds)
+        self.alpha = alpha
+
+    @classmethod
+    def measure(cls, runner, max_rows: int, prefix: int = 128, reps: int = 2) -> StepCost:
+        sizes = [s for s in COST_LADDER if s <= max_rows] or [1]
+        if sizes[-1] < max_rows:
+            sizes.append(max_rows)
+        cache = runner.new_cache()
+        runner.prefill(cache, [min(100 + i, runner.vocab_size - 1) for i in range(prefix)])
+        seconds = []
+        for n in sizes:
+            mask = torch.ones(n, n, dtype=torch.bool).tril_()
+            times = []
+            for _ in range(reps + 1):  # the first run of a shape warms caches: dropped
+                start = time.perf_counter()
+                runner.step(cache, torch.full((n,), 100), torch.arange(prefix, prefix + n), mask)
+                times.append(time.perf_counter() - start)
+                cache.truncate_new(n, 0)
+            seconds.append(sorted(times[1:])[len(times[1:]) // 2])
+        log.info("forward cost by rows: %s", ", ".join(f"{n}:{s * 1e3:.1f}ms" for n, s in zip(sizes, seconds)))
+        return cls(sizes, _monotone(seconds))
+
+    def __call__(self, rows: int) -> float:
+        i = bisect.bisect_left(self.sizes, rows)
+        if i < len(self.sizes) and self.sizes[i] == rows:
+            return self.seconds[i]
+        if i == 0:
+            return self.seconds[0]
+        if i >= len(self.sizes):
+            return self.seconds[-1] * rows / self.sizes[-1]
+        lo, hi = self.sizes[i - 1], self.sizes[i]
+        w = (rows - lo) / (hi - lo)
+        return self.seconds[i - 1] * (1 - w) + self.seconds[i] * w
+
+    def observe(self, rows: int, seconds: float) -> None:
+        i = min(bisect.bisect_left(self.sizes, rows), len(self.sizes) - 1)
+        # scale the observation to the ladder point so neighbouring sizes share what they learn
+        scaled = seconds * self(self.sizes[i]) / max(self(rows), 1e-9)
+        self.seconds[i] += self.alpha * (scaled - self.seconds[i])
+
+
+def _monotone(seconds: list[float]) -> list[float]:
+    out = []
+    for s in seconds:
+        out.append(max(s, out[-1]) if out else s)
+    return out
+
+
+@dataclass
+class LookaheadState:
+    prompt_trie: PromptTrie
+    inserted: int = 0  # output tokens already streamed into the shared store
+    calibration: float = 1.0  # accepted / promised, exponential average
+
+
+class Speculator:
+    """Owns the shared output store and the cost model; per-sequence state lives on the sequence."""
+
+    def __init__(
+        self, store: OutputStore, config: DraftConfig, decoding_length: int, cost: StepCost, trie_path=None
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.decoding_length = decoding_length
+        self.cost = cost
+        self.trie_path = trie_path
+
+    # -- lifecycle of a sequence ---------------------------------------------------------------
+    def admit(self, seq) -> None:
+        seq.state["lookahead"] = LookaheadState(PromptTrie(seq.prompt_ids, ngram_len=self.config.ngram_len))
+
+    def release(self, seq) -> None:
+        state = seq.state.pop("lookahead", None)
+        if state is not None and len(seq.output_ids) > state.inserted:
+            self.store.insert(seq.output_ids, state.inserted)
+
+    def save(self) -> None:
+        if self.trie_path is not None:
+            self.store.save(self.trie_path)
+
+    # -- the decode step -----------------------------------------------------------------------
+    def step(self, runner, seq) -> tuple[list[int], int, int]:
+        """One draft-verify-accept step. Returns (new tokens, drafted, accepted)."""
+        state: LookaheadState = seq.state["lookahead"]
+        if len(seq.output_ids) > state.inserted:
+            self.store.insert(seq.output_ids, state.inserted)
+            state.inserted = len(seq.output_ids)
+        tree = self.propose(seq, state)
+        packed = pack(tree, seq.pending_token, seq.logical_len)
+        start = time.perf_counter()
+        logits = runner.step(seq.cache, packed.input_ids, packed.position_ids, packed.tree_mask)
+        if seq.params.greedy and not seq.params.has_penalties:
+            verdict = verify_greedy(tree, logits)
+        else:
+            verdict = verify_sampling(tree, logits, seq.params, seq.prompt_ids, seq.output_ids, seq.generator)
+        self.cost.observe(len(tree) + 1, time.perf_counter() - start)
+        seq.cache.keep_path(len(tree) + 1, [0, *verdict.rows])
+        seq.logical_len += 1 + len(verdict.rows)
+        if len(tree):
+            promised = expected_accepted(tree) or 1e-6
+            ratio = min(len(verdict.rows) / promised, 2.0)
+            state.calibration += 0.2 * (ratio - state.calibration)
+        return verdict.tokens, len(tree), len(verdict.rows)
+
+    def propose(self, seq, state: LookaheadState) -> DraftTree:
+        remaining = seq.request.max_tokens - len(seq.output_ids)
+        budget = min(self.decoding_length, max(remaining - 1, 0), runner_room(seq))
+        if budget <= 0:
+            return DraftTree.empty()
+        context = seq.prompt_ids[-self.config.max_match :] if len(seq.output_ids) < self.config.max_match else []
+        context = context + seq.output_ids[-self.config.max_match :]
+        tree = draft(context, budget, self.config, state.prompt_trie, self.store)
+        if not len(tree):
+            return tree
+        return tree.top(self.best_size(tree, state.calibration))
+
+    def best_size(self, tree: DraftTree, calibration: float) -> int:
+        """Tree size maximising expected tokens per second: (1 + c * E[accepted | k]) / cost(k + 1)."""
+        curve = accepted_curve(tree)
+        c = max(calibration, 0.05)
+        rates = [(1.0 + c * curve[k]) / self.cost(k + 1) for k in range(len(curve))]
+        return max(range(len(rates)), key=rates.__getitem__)
+
+
+def runner_room(seq) -> int:
+    """Draft rows that still fit in the model's context."""
+    return max(seq.max_context - seq.logical_len - 1, 0)

@@ -1,0 +1,53 @@
+import pytest
+import torch
+from trieserve.decoding.sampling import (
+    SamplingParams,
+    apply_penalties,
+    choose_token,
+    make_generator,
+    next_token_distribution,
+    warp,
+)
+
+
+def test_greedy_picks_argmax():
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    assert choose_token(logits, SamplingParams(temperature=0), [], [], None) == 1
+
+
+def test_top_k_and_top_p_remove_tail():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    kept = warp(logits, SamplingParams(temperature=1.0, top_k=2)).isfinite()
+    assert kept.tolist() == [True, True, False, False]
+    kept = warp(logits, SamplingParams(temperature=1.0, top_p=0.7)).isfinite()
+    assert kept.tolist() == [True, True, False, False]
+    kept = warp(logits, SamplingParams(temperature=1.0, top_p=0.01)).isfinite()
+    assert kept.tolist() == [True, False, False, False]
+
+
+def test_penalties():
+    logits = torch.tensor([2.0, -2.0, 1.0])
+    out = apply_penalties(logits, SamplingParams(repetition_penalty=2.0), [0], [1])
+    assert out.tolist() == [1.0, -4.0, 1.0]
+    out = apply_penalties(logits, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), [2], [0, 0])
+    assert out.tolist() == [2.0 - 0.5 - 0.5, -2.0, 1.0]
+
+
+def test_seeded_draws_reproduce_and_follow_distribution():
+    logits = torch.log(torch.tensor([0.6, 0.3, 0.1]))
+    params = SamplingParams(temperature=1.0, seed=7)
+    a = [choose_token(logits, params, [], [], g) for g in [make_generator(7)] for _ in range(50)]
+    b = [choose_token(logits, params, [], [], g) for g in [make_generator(7)] for _ in range(50)]
+    assert a == b
+    gen = make_generator(0)
+    draws = torch.tensor([choose_token(logits, params, [], [], gen) for _ in range(3000)])
+    freq = torch.bincount(draws, minlength=3).float() / 3000
+    assert torch.allclose(freq, torch.tensor([0.6, 0.3, 0.1]), atol=0.03)
+    probs = next_token_distribution(logits, params, [], [])
+    assert torch.allclose(probs, torch.tensor([0.6, 0.3, 0.1]), atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"repetition_penalty": 0}])
+def test_invalid_params_raise(kwargs):
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)
