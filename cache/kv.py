@@ -78,10 +78,12 @@ class GrowableLayer(DynamicLayer):
             raise ValueError("crop takes a negative count of rows to remove")
         self.truncate(self.length + tokens_to_remove)
 
+    @torch.no_grad()
     def keep_rows(self, start: int, rows: torch.Tensor) -> None:
         """Keep rows `rows` (absolute indices >= start, ascending) at start.., drop the rest."""
         k = rows.numel()
-        # index_select copies the (few) source rows first, so overlapping source/target is safe.
+        # index_select copies the (few) source rows first, so overlapping source/target is safe;
+        # no_grad: the buffers are plain tensors and this runs outside the forward.
         self._k[:, :, start : start + k] = self._k.index_select(2, rows)
         self._v[:, :, start : start + k] = self._v.index_select(2, rows)
         self.truncate(start + k)

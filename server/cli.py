@@ -81,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(settings: Settings) -> int:
     import uvicorn
-
     from trieserve.server.api import create_app
     from trieserve.server.state import ServerState
 

@@ -34,7 +34,7 @@ import sys
 import sysconfig
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -68,11 +68,10 @@ CHAT_TEMPLATES = (
     "List some surprising facts you might learn about {}.",
 )
 CHAT_TOPICS = (
-    "the ocean", "autumn leaves", "learning to cook", "city gardens", "old maps", "rainy Mondays",
-    "space travel", "a lost umbrella", "mountain trains", "street food", "public libraries",
-    "night skies", "a new bicycle", "chess", "bird migration", "coffee shops", "volcanoes",
-    "board games", "the first snow", "music festivals", "lighthouses", "remote work", "bees",
-)
+    "the ocean|autumn leaves|learning to cook|city gardens|old maps|rainy Mondays|space travel|a lost umbrella|"
+    "mountain trains|street food|public libraries|night skies|a new bicycle|chess|bird migration|coffee shops|"
+    "volcanoes|board games|the first snow|music festivals|lighthouses|remote work|bees"
+).split("|")
 CODE_TASKS = (
     "Repeat the following Python code exactly as written, with no commentary.",
     "Rename `{old}` to `{new}` everywhere in the following Python code and output the complete updated code.",
@@ -157,7 +156,9 @@ def copy_prompts(n: int, input_len: int, rng: random.Random) -> list[str]:
             doc = _excerpt(text, budget, starts, rng)
             terms = sorted({w for w in re.findall(r"[A-Za-z]{7,}", doc)}) or ["this"]
             question = f"What does the document say about {rng.choice(terms).lower()}?"
-            prompts.append(f"{rng.choice(DOC_TASKS)}\n\n<document>\n{doc}\n</document>\n\nQuestion: {question}")
+            prompts.append(
+                f"{rng.choice(DOC_TASKS)}\n\n<document>\n{doc}\n</document>\n\nQuestion: {question}"
+            )
     return prompts
 
 
@@ -180,7 +181,8 @@ def sharegpt_prompts(path: str | Path, n: int, rng: random.Random) -> list[str]:
 def make_prompts(
     dataset: str, n: int, *, seed: int, input_len: int = 256, dataset_path: str | None = None
 ) -> list[str]:
-    """`n` prompts from `dataset` (random, copy, chat, sharegpt); the same seed gives the same list."""
+    """`n` prompts from `dataset` (random, copy, chat, sharegpt); the same seed gives the same list
+    (for `copy`, on the same Python installation: its text comes from the installed files)."""
     rng = random.Random(seed)
     if dataset == "random":
         return random_prompts(n, input_len, rng)
@@ -260,10 +262,18 @@ def describe(name: str, seconds: Sequence[float], percentiles: Iterable[float]) 
     return out
 
 
-def summarize(results: Sequence[RequestResult], duration: float, percentiles: Iterable[float] = (90, 99)) -> dict:
+def _failure_kind(r: RequestResult) -> str:
+    if r.status is None:
+        return "connection"
+    return "stream_error" if r.status == 200 else str(r.status)  # an error event after the stream began
+
+
+def summarize(
+    results: Sequence[RequestResult], duration: float, percentiles: Iterable[float] = (90, 99)
+) -> dict:
     """Aggregate one run: counts, throughputs (tokens from usage) and latency statistics."""
     done = [r for r in results if r.ok]
-    failed = Counter(str(r.status or "connection") for r in results if not r.ok and r.status != 429)
+    failed = Counter(_failure_kind(r) for r in results if not r.ok and r.status != 429)
     out_tokens = sum(r.completion_tokens for r in done)
     in_tokens = sum(r.prompt_tokens for r in done)
     percentiles = tuple(percentiles)
@@ -305,7 +315,9 @@ def parse_prometheus(text: str) -> Samples:
         m = _SAMPLE.match(line)
         if not m:
             continue
-        labels = tuple(sorted((k, v.replace('\\"', '"').replace("\\\\", "\\")) for k, v in _LABEL.findall(m[2] or "")))
+        labels = tuple(
+            sorted((k, v.replace('\\"', '"').replace("\\\\", "\\")) for k, v in _LABEL.findall(m[2] or ""))
+        )
         try:
             samples[(m[1], labels)] = float(m[3])
         except ValueError:
@@ -359,7 +371,9 @@ def server_figures(before: Samples, after: Samples) -> dict[str, float | None]:
         d("trieserve_kv_tokens_kept_total"),
         d("trieserve_kv_tokens_seen_total"),
     )
-    figures["mean_accepted_length"] = _ratio(d("trieserve_accepted_length_sum"), d("trieserve_accepted_length_count"))
+    figures["mean_accepted_length"] = _ratio(
+        d("trieserve_accepted_length_sum"), d("trieserve_accepted_length_count")
+    )
     figures["metrics_source"] = "prometheus"
     return figures
 
@@ -374,9 +388,13 @@ def stats_figures(results: Sequence[RequestResult]) -> dict[str, float | None]:
         return float(sum(r.stats.get(key) or 0 for r in with_stats))
 
     figures = speculation_figures(
-        float(sum(r.completion_tokens for r in with_stats)), s("forward_passes"), s("draft_tokens"),
-        s("accepted_tokens"), s("kv_tokens_kept"), s("kv_tokens_total"),
-    )  # fmt: skip
+        float(sum(r.completion_tokens for r in with_stats)),
+        s("forward_passes"),
+        s("draft_tokens"),
+        s("accepted_tokens"),
+        s("kv_tokens_kept"),
+        s("kv_tokens_total"),
+    )
     figures["metrics_source"] = "response_stats"
     return figures
 
@@ -386,7 +404,7 @@ def stats_figures(results: Sequence[RequestResult]) -> dict[str, float | None]:
 
 @dataclass
 class Target:
-    """Where and what to send. `lookahead` None leaves the field out of the request."""
+    """Where and what to send; `body()` builds one streaming request."""
 
     base_url: str
     model: str
@@ -435,13 +453,17 @@ def _chunk_text(chunk: dict) -> str:
     return text
 
 
-async def send_request(client: httpx.AsyncClient, target: Target, prompt: str, lookahead: bool | None) -> RequestResult:
+async def send_request(
+    client: httpx.AsyncClient, target: Target, prompt: str, lookahead: bool | None
+) -> RequestResult:
     """Stream one completion and time it."""
     r = RequestResult()
     start = time.perf_counter()
     finished = False
     try:
-        async with client.stream("POST", target.url, json=target.body(prompt, lookahead), headers=target.headers) as resp:
+        async with client.stream(
+            "POST", target.url, json=target.body(prompt, lookahead), headers=target.headers
+        ) as resp:
             r.status = resp.status_code
             if resp.status_code != 200:
                 r.error = (await resp.aread()).decode(errors="replace")[:300]
@@ -578,7 +600,7 @@ async def run_load(
 
         tasks = []
         times = arrival_times(len(prompts), point.request_rate, random.Random(seed), point.burstiness)
-        for at, prompt in zip(times, prompts):
+        for at, prompt in zip(times, prompts, strict=True):
             if t0 + at >= deadline:
                 break
             await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
@@ -596,3 +618,442 @@ async def scrape(client: httpx.AsyncClient, url: str | None) -> Samples:
     except httpx.HTTPError:
         return {}
     return parse_prometheus(resp.text) if resp.status_code == 200 else {}
+
+
+# ------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Plan:
+    """Everything about a benchmark except the target: load points, arms, prompts, reporting."""
+
+    points: list[LoadPoint]
+    arms: list[bool | None]  # the `lookahead` field per arm: [None], [True], or [False, True] to compare
+    dataset: str = "random"
+    num_prompts: int = 100
+    num_warmup: int = 2
+    input_len: int = 256
+    dataset_path: str | None = None
+    seed: int = 0
+    reuse_prompts: bool = False
+    max_duration: float | None = None
+    metrics_url: str | None = None
+    percentiles: tuple[float, ...] = (90, 99)
+    progress: bool = True
+    save_detailed: bool = False
+
+
+async def run_plan(client: httpx.AsyncClient, target: Target, plan: Plan, report: bool = True) -> list[dict]:
+    """Run every (load point, arm) in order, each after its own warm-up; one record per run."""
+    per_run = plan.num_warmup + plan.num_prompts
+    n_runs = len(plan.points) * len(plan.arms)
+    pool = make_prompts(
+        plan.dataset,
+        per_run * (1 if plan.reuse_prompts else n_runs),
+        seed=plan.seed,
+        input_len=plan.input_len,
+        dataset_path=plan.dataset_path,
+    )
+    records = []
+    for i, (point, arm) in enumerate((p, a) for p in plan.points for a in plan.arms):
+        prompts = pool[(0 if plan.reuse_prompts else i) * per_run :][:per_run]
+        warmup, measured = prompts[: plan.num_warmup], prompts[plan.num_warmup :]
+        desc = point.label + ("" if arm is None else f" lookahead={'on' if arm else 'off'}")
+        if warmup:
+            await run_load(
+                client, target, LoadPoint(concurrency=point.concurrency or 1), warmup, lookahead=arm
+            )
+        before = await scrape(client, plan.metrics_url)
+        results, duration = await run_load(
+            client,
+            target,
+            point,
+            measured,
+            lookahead=arm,
+            seed=plan.seed,
+            max_duration=plan.max_duration,
+            progress=plan.progress,
+            desc=desc,
+        )
+        after = await scrape(client, plan.metrics_url)
+        record = {
+            "label": point.label,
+            "concurrency": point.concurrency,
+            "request_rate": point.request_rate,
+            "burstiness": point.burstiness,
+            "lookahead": arm,
+            **summarize(results, duration, plan.percentiles),
+        }
+        record.update(server_figures(before, after) or stats_figures(results))
+        if plan.save_detailed:
+            record["requests"] = [asdict(r) for r in results]
+        records.append(record)
+        if report:
+            print(format_run(record, plan.percentiles, title=desc), flush=True)
+    return records
+
+
+COMPARED = (
+    "output_throughput request_throughput mean_ttft_ms median_ttft_ms mean_tpot_ms median_tpot_ms "
+    "median_itl_ms mean_e2el_ms median_e2el_ms p99_e2el_ms"
+).split()
+
+
+def compare_records(records: Sequence[dict]) -> list[dict]:
+    """Per load point: lookahead on / off for throughput (>1 is faster) and latencies (<1 is faster)."""
+    rows = []
+    by_label: dict[str, dict] = {}
+    for rec in records:
+        by_label.setdefault(rec["label"], {})[rec["lookahead"]] = rec
+    for label, arms in by_label.items():
+        off, on = arms.get(False), arms.get(True)
+        if off is None or on is None:
+            continue
+        row: dict = {"label": label}
+        for key in COMPARED:
+            a, b = off.get(key), on.get(key)
+            row[f"{key}_ratio"] = b / a if a and b is not None else None
+        row["tokens_per_forward_off"] = off.get("tokens_per_forward")
+        row["tokens_per_forward_on"] = on.get("tokens_per_forward")
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------- report
+
+
+def _json_safe(obj: object) -> object:
+    """Strict JSON has no Infinity/NaN: an infinite request rate is written as "inf"."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _fmt(value: object, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_run(rec: dict, percentiles: Iterable[float] = (90, 99), title: str = "") -> str:
+    """vLLM-style result block for one run."""
+    rows = [
+        ("Successful requests:", rec["completed"]),
+        ("Failed requests:", rec["failed"]),
+        ("Rejected (429) requests:", rec["rejected_429"]),
+        ("Benchmark duration (s):", rec["duration"]),
+        ("Total input tokens:", rec["total_input_tokens"]),
+        ("Total generated tokens:", rec["total_output_tokens"]),
+        ("Request throughput (req/s):", rec["request_throughput"]),
+        ("Output token throughput (tok/s):", rec["output_throughput"]),
+        ("Total token throughput (tok/s):", rec["total_token_throughput"]),
+    ]
+    if rec["failed_by_status"]:
+        rows.insert(2, ("Failures by status:", json.dumps(rec["failed_by_status"])))
+    if rec["requests_without_usage"]:
+        rows.append(("Requests without usage (chunks counted):", rec["requests_without_usage"]))
+    lines = [f"{' ' + (title or rec['label']) + ' ':=^64}"] + [f"{k:<44}{_fmt(v):>20}" for k, v in rows]
+    for name, long in (
+        ("ttft", "Time to First Token"),
+        ("tpot", "Time per Output Token (excl. 1st)"),
+        ("itl", "Inter-chunk Latency"),
+        ("e2el", "End-to-end Latency"),
+    ):
+        lines.append(f"{' ' + long + ' ':-^64}")
+        stats = [("Mean", f"mean_{name}_ms"), ("Median", f"median_{name}_ms")]
+        stats += [(f"P{q:g}", f"p{q:g}_{name}_ms") for q in percentiles]
+        lines += [f"{f'{label} {name.upper()} (ms):':<44}{_fmt(rec.get(key)):>20}" for label, key in stats]
+    if rec.get("metrics_source"):
+        lines.append(f"{' Speculation (' + rec['metrics_source'] + ') ':-^64}")
+        for label, key in (
+            ("Tokens per forward pass:", "tokens_per_forward"),
+            ("Draft acceptance rate:", "acceptance_rate"),
+            ("Mean accepted length per step:", "mean_accepted_length"),
+            ("KV entries kept / seen:", "kv_kept_ratio"),
+        ):
+            lines.append(f"{label:<44}{_fmt(rec.get(key), 3):>20}")
+    lines.append("=" * 64)
+    return "\n".join(lines)
+
+
+def format_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    cells = [list(header)] + [[_fmt(v) for v in row] for row in rows]
+    widths = [max(len(str(r[i])) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(str(c).rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+SWEEP_COLUMNS = (
+    ("ok", "completed"), ("fail", "failed"), ("429", "rejected_429"), ("req/s", "request_throughput"),
+    ("out tok/s", "output_throughput"), ("TTFT p50", "median_ttft_ms"), ("TPOT p50", "median_tpot_ms"),
+    ("ITL p50", "median_itl_ms"), ("E2E p50", "median_e2el_ms"), ("tok/fwd", "tokens_per_forward"),
+    ("accept", "acceptance_rate"),
+)  # fmt: skip
+COMPARE_COLUMNS = (
+    ("out tok/s on/off", "output_throughput_ratio"), ("TTFT p50 on/off", "median_ttft_ms_ratio"),
+    ("TPOT p50 on/off", "median_tpot_ms_ratio"), ("E2E p50 on/off", "median_e2el_ms_ratio"),
+    ("tok/fwd off", "tokens_per_forward_off"), ("tok/fwd on", "tokens_per_forward_on"),
+)  # fmt: skip
+
+
+def format_sweep(records: Sequence[dict]) -> str:
+    arm = {None: "-", True: "on", False: "off"}
+    rows = [(r["label"], arm[r["lookahead"]], *(r.get(key) for _, key in SWEEP_COLUMNS)) for r in records]
+    return format_table(("load", "lookahead", *(h for h, _ in SWEEP_COLUMNS)), rows)
+
+
+def format_compare(rows: Sequence[dict]) -> str:
+    table = [(r["label"], *(r.get(key) for _, key in COMPARE_COLUMNS)) for r in rows]
+    return format_table(("load", *(h for h, _ in COMPARE_COLUMNS)), table)
+
+
+def plot_records(records: Sequence[dict], path: str) -> str:
+    """Throughput and median latencies against load, one line per arm; returns a message."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"--plot {path}: matplotlib is not installed (pip install matplotlib); no plot written"
+    labels = list(dict.fromkeys(r["label"] for r in records))
+    panels = (
+        ("output_throughput", "output tokens/s"),
+        ("median_ttft_ms", "median TTFT (ms)"),
+        ("median_tpot_ms", "median TPOT (ms)"),
+        ("median_e2el_ms", "median end-to-end latency (ms)"),
+    )
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    for ax, (key, title) in zip(axes.flat, panels, strict=True):
+        for arm in dict.fromkeys(r["lookahead"] for r in records):
+            rows = {r["label"]: r.get(key) for r in records if r["lookahead"] == arm}
+            ys = [rows.get(label) for label in labels]
+            name = "all" if arm is None else f"lookahead {'on' if arm else 'off'}"
+            ax.plot(range(len(labels)), [math.nan if y is None else y for y in ys], marker="o", label=name)
+        ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"plot written to {path}"
+
+
+# ------------------------------------------------------------------------- CLI
+
+
+def _list(kind: type) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {kind.__name__}s, got {text!r}"
+            ) from e
+        if not values or any(v <= 0 for v in values):
+            raise argparse.ArgumentTypeError(f"expected positive values, got {text!r}")
+        return values
+
+    return parse
+
+
+EXAMPLES = """examples:
+  trieserve loadtest --dataset copy --num-prompts 50 --concurrency 2
+  trieserve loadtest --dataset chat --sweep-concurrency 1,2,4,8 --compare --output-json out.json --plot out.png
+  trieserve loadtest --base-url http://gpu-box:8000/v1 --request-rate 2 --max-duration 120
+  python bench/loadtest.py --dataset sharegpt --dataset-path ShareGPT_V3.json --sweep-rate 0.5,1,2
+"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trieserve loadtest",
+        description="Load-test an OpenAI-compatible server with streaming requests (vLLM bench serve metrics).",
+        epilog=EXAMPLES,
+        formatter_class=_HelpFormatter,
+    )
+    g = p.add_argument_group("target")
+    g.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (a trailing /v1 is fine)")
+    g.add_argument(
+        "--endpoint",
+        choices=("chat", "completions"),
+        default="chat",
+        help="/v1/chat/completions or /v1/completions",
+    )
+    g.add_argument("--model", help="model id; unset = the first of GET /v1/models")
+    g.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
+    g.add_argument("--metrics-url", help="Prometheus endpoint to diff; unset = BASE/metrics, 'none' = skip")
+    g.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    g.add_argument("--wait-ready", type=float, default=0.0, help="first wait up to this long for /health 200")
+    g = p.add_argument_group("requests")
+    g.add_argument(
+        "--dataset", choices=("random", "copy", "chat", "sharegpt"), default="random", help="prompt source"
+    )
+    g.add_argument("--dataset-path", help="ShareGPT JSON file for --dataset sharegpt")
+    g.add_argument("--input-len", type=int, default=256, help="approximate prompt tokens (random, copy)")
+    g.add_argument("--max-tokens", type=int, default=128, help="output length limit per request")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--ignore-eos", action="store_true", help="send ignore_eos=true (vLLM extension)")
+    g.add_argument("--lookahead", choices=("on", "off"), help="send the trieserve `lookahead` field")
+    g.add_argument("--extra-body", type=json.loads, default={}, help="JSON object merged into every request")
+    g.add_argument("--num-prompts", type=int, default=100, help="measured requests per run")
+    g.add_argument("--num-warmup", type=int, default=2, help="unmeasured requests before each run")
+    g.add_argument("--seed", type=int, default=0, help="prompts and arrival times")
+    g.add_argument(
+        "--reuse-prompts",
+        action="store_true",
+        help="send the same prompts in every run (else each run gets fresh ones)",
+    )
+    g = p.add_argument_group("load (default: closed loop, concurrency 1)")
+    g.add_argument(
+        "--request-rate",
+        type=float,
+        help="open loop: Poisson arrivals at this rate (req/s); inf = all at once",
+    )
+    g.add_argument(
+        "--burstiness", type=float, default=1.0, help="gamma shape of inter-arrival times (1 = Poisson)"
+    )
+    g.add_argument(
+        "--concurrency", type=int, help="closed loop with N in flight; with a rate, the in-flight cap"
+    )
+    g.add_argument("--sweep-concurrency", type=_list(int), help="closed-loop points, e.g. 1,2,4,8")
+    g.add_argument("--sweep-rate", type=_list(float), help="open-loop points in req/s, e.g. 0.5,1,2")
+    g.add_argument(
+        "--max-duration", type=float, help="stop sending new requests after this many seconds per run"
+    )
+    g.add_argument("--compare", action="store_true", help="run every point with lookahead off, then on")
+    g = p.add_argument_group("output")
+    g.add_argument("--percentiles", type=_list(float), default=[90.0, 99.0], help="e.g. 50,90,99")
+    g.add_argument("--output-json", help="write config, every run and comparisons to this file")
+    g.add_argument("--save-detailed", action="store_true", help="include per-request timings in the JSON")
+    g.add_argument("--plot", help="PNG of throughput and latency against load (needs matplotlib)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p
+
+
+def plan_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
+    if args.sweep_concurrency and args.sweep_rate:
+        parser.error("use one of --sweep-concurrency and --sweep-rate")
+    if args.sweep_concurrency and args.request_rate is not None:
+        parser.error("--sweep-concurrency is closed loop; drop --request-rate (or use --sweep-rate)")
+    if args.compare and args.lookahead:
+        parser.error("--compare sets the lookahead field itself; drop --lookahead")
+    for name in ("num_prompts", "input_len", "max_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.num_warmup < 0 or (args.concurrency is not None and args.concurrency < 1):
+        parser.error("--num-warmup must be >= 0 and --concurrency >= 1")
+    if args.request_rate is not None and not args.request_rate > 0:
+        parser.error("--request-rate must be > 0 (inf for all at once)")
+    if args.dataset == "sharegpt" and not args.dataset_path:
+        parser.error("--dataset sharegpt needs --dataset-path")
+    if not isinstance(args.extra_body, dict):
+        parser.error("--extra-body must be a JSON object")
+    if args.sweep_concurrency:
+        points = [LoadPoint(concurrency=c) for c in args.sweep_concurrency]
+    elif args.sweep_rate:
+        points = [LoadPoint(args.concurrency, rate, args.burstiness) for rate in args.sweep_rate]
+    elif args.request_rate is not None:
+        points = [LoadPoint(args.concurrency, args.request_rate, args.burstiness)]
+    else:
+        points = [LoadPoint(concurrency=args.concurrency or 1)]
+    arms = [False, True] if args.compare else [None if args.lookahead is None else args.lookahead == "on"]
+    root = re.sub(r"/v1/?$", "", args.base_url.rstrip("/"))
+    metrics_url = None if args.metrics_url == "none" else args.metrics_url or f"{root}/metrics"
+    fields = ("dataset", "num_prompts", "num_warmup", "input_len", "dataset_path", "seed", "reuse_prompts")
+    return Plan(
+        points,
+        arms,
+        max_duration=args.max_duration,
+        metrics_url=metrics_url,
+        percentiles=tuple(args.percentiles),
+        progress=not args.no_progress,
+        save_detailed=args.save_detailed,
+        **{k: getattr(args, k) for k in fields},
+    )
+
+
+async def wait_ready(client: httpx.AsyncClient, root: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if (await client.get(f"{root}/health")).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.5)
+
+
+async def first_model(client: httpx.AsyncClient, root: str, headers: dict[str, str]) -> str:
+    resp = await client.get(f"{root}/v1/models", headers=headers)
+    resp.raise_for_status()
+    return resp.json()["data"][0]["id"]
+
+
+async def _run(args: argparse.Namespace, plan: Plan) -> int:
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    timeout = httpx.Timeout(args.request_timeout, connect=30.0)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
+        fields = ("base_url", "endpoint", "api_key", "max_tokens", "temperature", "ignore_eos", "extra_body")
+        target = Target(model=args.model or "", **{k: getattr(args, k) for k in fields})
+        if args.wait_ready and not await wait_ready(client, target.root, args.wait_ready):
+            print(f"error: {target.root}/health was not 200 within {args.wait_ready:g} s", file=sys.stderr)
+            return 2
+        if not target.model:
+            try:
+                target.model = await first_model(client, target.root, target.headers)
+            except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
+                print(
+                    f"error: cannot list models at {target.root}/v1/models ({e}); pass --model",
+                    file=sys.stderr,
+                )
+                return 2
+        records = await run_plan(client, target, plan)
+    comparisons = compare_records(records)
+    if len(records) > 1:
+        print(format_sweep(records))
+    if comparisons:
+        print("\nlookahead on / off (throughput > 1 and latency < 1 mean lookahead is faster)")
+        print(format_compare(comparisons))
+    if args.output_json:
+        config = {k: v for k, v in vars(args).items() if k != "api_key"} | {"model": target.model}
+        out = {"config": config, "runs": records, "comparisons": comparisons}
+        Path(args.output_json).write_text(json.dumps(_json_safe(out), indent=2, default=str))
+        print(f"results written to {args.output_json}")
+    if args.plot:
+        print(plot_records(records, args.plot))
+    return 0 if any(r["completed"] for r in records) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `trieserve loadtest` and bench/loadtest.py; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    plan = plan_from_args(args, parser)
+    try:
+        return asyncio.run(_run(args, plan))
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, ValueError) as e:  # unreadable dataset file, bad JSON, ...
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

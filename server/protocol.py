@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-
 from trieserve.server.settings import KV_POLICIES
 
 Float = Annotated[float, Field(allow_inf_nan=False)]

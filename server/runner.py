@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
-
 from trieserve.cache.kv import KVCache
+from trieserve.kernels.tree_attention import attention_forward as kernel_attention_forward
+from trieserve.kernels.tree_attention import pack_ancestor_mask
 
 ATTENTION_NAME = "trieserve"
 
@@ -25,6 +26,9 @@ def tree_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, 
     """query [B, Hq, T, D]; key/value [B, Hkv, S, D] whose last T rows are the new tokens.
     `tree_mask` (bool [T, T] or [B, T, T]) says which new rows see which; without one the new rows
     are causal. Returns ([B, T, Hq, D], None) as transformers expects."""
+    if query.is_cuda and kwargs.get("anc_bits") is not None:
+        # on a GPU the Triton tree-attention kernel reads the bit-packed ancestor mask
+        return kernel_attention_forward(module, query, key, value, None, scaling=scaling, **kwargs)
     tree_mask = kwargs.get("tree_mask")
     t, s = query.shape[2], key.shape[2]
     mask = None
@@ -63,7 +67,7 @@ class ModelRunner:
     def new_cache(self) -> KVCache:
         return KVCache(self.num_layers)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(
         self,
         cache: KVCache,
@@ -74,7 +78,11 @@ class ModelRunner:
     ) -> torch.Tensor:
         """input_ids, position_ids: [T] long; tree_mask: bool [T, T] or None (causal).
         Returns fp32 logits [T, V] (or [1, V] with last_only)."""
-        kwargs = {"tree_mask": tree_mask.to(self.device)} if tree_mask is not None else {}
+        kwargs = {}
+        if tree_mask is not None:
+            kwargs["tree_mask"] = tree_mask.to(self.device)
+            if self.device.type == "cuda":
+                kwargs["anc_bits"] = pack_ancestor_mask(kwargs["tree_mask"].unsqueeze(0))
         out = self.model(
             input_ids=input_ids.to(self.device).unsqueeze(0),
             position_ids=position_ids.to(self.device).unsqueeze(0),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Dockerfile
+from deploy_support import Dockerfile
 
 pytestmark = pytest.mark.model
 
