@@ -48,4 +48,4 @@ def build_speculator(settings: Settings, runner: ModelRunner, model_tag: str) ->
         except (ValueError, OSError) as exc:
             log.error("ignoring the trie store at %s (%s); starting cold", path, exc)
     cost = StepCost.measure(runner, settings.decoding_length + 1)
-    return Speculator(store, config, settings.decoding_length, cost, trie_path=path)
+    return Speculator(store, config, settings.decoding_length, cost, trie_path=path, adaptive=settings.adaptive_budget)

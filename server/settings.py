@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     branch_length: int = Field(12, ge=1, le=64, description="max depth of a draft branch")
     lookahead_mode: Literal["hierarchical", "parallel", "single"] = "hierarchical"
     max_match: int = Field(4, ge=1, le=16, description="longest context suffix matched in the trie")
+    adaptive_budget: bool = Field(
+        True, description="size each draft tree for the best expected tokens/s (off: always draft the full budget)"
+    )
     trie_path: Path | None = Field(None, description="file the shared output trie is loaded from and saved to")
     trie_capacity: int = Field(500_000, ge=1000, description="max nodes of the shared output trie")
     # kv cache

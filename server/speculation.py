@@ -96,13 +96,20 @@ class Speculator:
     """Owns the shared output store and the cost model; per-sequence state lives on the sequence."""
 
     def __init__(
-        self, store: OutputStore, config: DraftConfig, decoding_length: int, cost: StepCost, trie_path=None
+        self,
+        store: OutputStore,
+        config: DraftConfig,
+        decoding_length: int,
+        cost: StepCost,
+        trie_path=None,
+        adaptive: bool = True,
     ) -> None:
         self.store = store
         self.config = config
         self.decoding_length = decoding_length
         self.cost = cost
         self.trie_path = trie_path
+        self.adaptive = adaptive
 
     # -- lifecycle of a sequence ---------------------------------------------------------------
     def admit(self, seq) -> None:
@@ -149,7 +156,7 @@ class Speculator:
         context = seq.prompt_ids[-self.config.max_match :] if len(seq.output_ids) < self.config.max_match else []
         context = context + seq.output_ids[-self.config.max_match :]
         tree = draft(context, budget, self.config, state.prompt_trie, self.store)
-        if not len(tree):
+        if not len(tree) or not self.adaptive:
             return tree
         return tree.top(self.best_size(tree, state.calibration))
 
