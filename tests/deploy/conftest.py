@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from deploy_support import DOCKER_DIR, Dockerfile, parse_dockerfile
+from tests.deploy.deploy_support import DOCKER_DIR, Dockerfile, parse_dockerfile
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from deploy_support import DOCKER_DIR, REPO, Dockerfile
+from tests.deploy.deploy_support import DOCKER_DIR, REPO, Dockerfile
 
 DOCKERFILES = ["Dockerfile", "Dockerfile.cuda"]
 
