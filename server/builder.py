@@ -26,7 +26,12 @@ def build_engine(settings: Settings, metrics=None):
     model, tokenizer = load_model(path, settings.dtype, device)
     runner = ModelRunner(model, prefill_chunk=settings.prefill_chunk)
     config = EngineConfig(
-        max_queue=settings.max_queue, max_num_seqs=settings.max_num_seqs, lookahead=settings.lookahead
+        max_queue=settings.max_queue,
+        max_num_seqs=settings.max_num_seqs,
+        lookahead=settings.lookahead,
+        kv_policy=settings.kv_policy,
+        kv_budget=settings.kv_budget,
+        kv_window=settings.kv_window,
     )
     engine = Engine(runner, tokenizer, config, metrics=metrics, speculator=build_speculator(settings, runner, path.name))
     engine.start()
@@ -47,5 +52,6 @@ def build_speculator(settings: Settings, runner: ModelRunner, model_tag: str) ->
             log.info("trie store loaded from %s (%d nodes)", path, len(store))
         except (ValueError, OSError) as exc:
             log.error("ignoring the trie store at %s (%s); starting cold", path, exc)
-    cost = StepCost.measure(runner, settings.decoding_length + 1)
+    # measured now when lookahead is on by default; otherwise at the first request that asks for it
+    cost = StepCost.measure(runner, settings.decoding_length + 1) if settings.lookahead else None
     return Speculator(store, config, settings.decoding_length, cost, trie_path=path, adaptive=settings.adaptive_budget)

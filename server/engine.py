@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from trieserve.cache.eviction import Eviction, eviction_for
 from trieserve.decoding.sampling import choose_token, make_generator
 from trieserve.server.errors import QueueFullError, ServerShuttingDownError
 from trieserve.server.runner import ModelRunner
@@ -29,6 +30,9 @@ class EngineConfig:
     max_queue: int = 64
     max_num_seqs: int = 8
     lookahead: bool = True
+    kv_policy: str = "full"  # eviction policy after prefill (requests may override)
+    kv_budget: float = 1.0  # kept KV entries: fraction of the prompt (<= 1) or token count (> 1)
+    kv_window: int = 32  # observation window: the last prompt tokens that score the rest
 
 
 class Engine:
@@ -140,11 +144,11 @@ class Engine:
         start = time.perf_counter()
         seq.generator = make_generator(seq.params.seed)
         seq.cache = self.runner.new_cache()
-        logits = self.runner.prefill(seq.cache, seq.prompt_ids)
+        logits = self.runner.prefill(seq.cache, seq.prompt_ids, eviction=self._eviction(seq))
         seq.logical_len = len(seq.prompt_ids)
         seq.stats.forward_passes += 1
         seq.stats.kv_tokens_total = seq.logical_len
-        seq.stats.kv_tokens_kept = seq.logical_len
+        seq.stats.kv_tokens_kept = round(seq.cache.mean_length())  # per layer and KV head
         if seq.lookahead:
             self.speculator.admit(seq)
         token = choose_token(logits, seq.params, seq.prompt_ids, seq.output_ids, seq.generator)
@@ -154,6 +158,12 @@ class Engine:
         seq.first_token_at = time.monotonic()
         if self.metrics is not None:
             self.metrics.first_token(seq)
+
+    def _eviction(self, seq: Sequence) -> Eviction | None:
+        request = seq.request
+        policy = request.kv_policy or self.config.kv_policy
+        budget = self.config.kv_budget if request.kv_budget is None else request.kv_budget
+        return eviction_for(policy, budget, self.config.kv_window)
 
     def _decode(self, seq: Sequence) -> None:
         start = time.perf_counter()

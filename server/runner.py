@@ -7,7 +7,9 @@ the sequence has processed, whatever the cache holds after eviction).
 
 The mask reaches attention through transformers' attention interface: the model is loaded with
 `attn_implementation="trieserve"`, a registered function that receives the tree mask as a keyword
-argument of the forward call. No model code is patched.
+argument of the forward call. No model code is patched. The same route carries a `WindowCapture`
+during an evicting prefill: each layer records its observation window's queries, which
+`trieserve.cache.eviction` scores against that layer's keys (see its docstring).
 """
 
 from __future__ import annotations
@@ -15,6 +17,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+from trieserve.cache.eviction import (
+    DECODE_HEADROOM,
+    Eviction,
+    PrefillTrace,
+    WindowCapture,
+    chunk_bounds,
+    compress,
+)
 from trieserve.cache.kv import KVCache
 from trieserve.kernels.tree_attention import attention_forward as kernel_attention_forward
 from trieserve.kernels.tree_attention import pack_ancestor_mask
@@ -25,7 +35,11 @@ ATTENTION_NAME = "trieserve"
 def tree_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """query [B, Hq, T, D]; key/value [B, Hkv, S, D] whose last T rows are the new tokens.
     `tree_mask` (bool [T, T] or [B, T, T]) says which new rows see which; without one the new rows
-    are causal. Returns ([B, T, Hq, D], None) as transformers expects."""
+    are causal. `window_capture` (a WindowCapture) records this layer's last window queries.
+    Returns ([B, T, Hq, D], None) as transformers expects."""
+    capture = kwargs.get("window_capture")
+    if capture is not None:
+        capture.record(module.layer_idx, query, scaling)
     if query.is_cuda and kwargs.get("anc_bits") is not None:
         # on a GPU the Triton tree-attention kernel reads the bit-packed ancestor mask
         return kernel_attention_forward(module, query, key, value, None, scaling=scaling, **kwargs)
@@ -75,10 +89,14 @@ class ModelRunner:
         position_ids: torch.Tensor,
         tree_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        window_capture: WindowCapture | None = None,
     ) -> torch.Tensor:
-        """input_ids, position_ids: [T] long; tree_mask: bool [T, T] or None (causal).
+        """input_ids, position_ids: [T] long; tree_mask: bool [T, T] or None (causal);
+        window_capture: filled with every layer's last window queries (eviction scoring).
         Returns fp32 logits [T, V] (or [1, V] with last_only)."""
         kwargs = {}
+        if window_capture is not None:
+            kwargs["window_capture"] = window_capture
         if tree_mask is not None:
             kwargs["tree_mask"] = tree_mask.to(self.device)
             if self.device.type == "cuda":
@@ -93,14 +111,43 @@ class ModelRunner:
         )
         return out.logits[0].float()
 
-    def prefill(self, cache: KVCache, token_ids: list[int], start: int = 0) -> torch.Tensor:
-        """Run tokens[start:] (positions start..) through the model in chunks; logits [V] of the last."""
+    def prefill(
+        self,
+        cache: KVCache,
+        token_ids: list[int],
+        start: int = 0,
+        eviction: Eviction | None = None,
+        trace: PrefillTrace | None = None,
+    ) -> torch.Tensor:
+        """Run tokens[start:] (positions start..) through the model in chunks; logits [V] of the last.
+
+        With `eviction`, layers over budget are compacted after each chunk (every chunk holds at
+        least the window), and after the last one every layer keeps the budget; positions stay
+        logical. `trace` records peak and final KV bytes."""
+        n = len(token_ids)
         ids = torch.tensor(token_ids, dtype=torch.long)
+        if eviction is not None and not eviction.applies(n, start):
+            eviction = None
+        window = eviction.window if eviction is not None else 1
+        bounds = chunk_bounds(start, n, self.prefill_chunk, window)
         logits = None
-        for lo in range(start, len(token_ids), self.prefill_chunk):
-            hi = min(lo + self.prefill_chunk, len(token_ids))
-            logits = self.forward(cache, ids[lo:hi], torch.arange(lo, hi), last_only=True)
+        for i, (lo, hi) in enumerate(bounds):
+            capture = WindowCapture(window) if eviction is not None and eviction.policy.needs_queries else None
+            logits = self.forward(cache, ids[lo:hi], torch.arange(lo, hi), last_only=True, window_capture=capture)
+            if trace is not None:
+                trace.observe(cache)
+            if eviction is not None:
+                last = i == len(bounds) - 1
+                reserve = DECODE_HEADROOM if last else bounds[i + 1][1] - bounds[i + 1][0]
+                done = compress(
+                    cache, eviction.policy, capture, eviction.keep(n), window,
+                    slack=0 if last else eviction.slack, reserve=reserve,
+                )  # fmt: skip
+                if trace is not None:
+                    trace.compactions += len(done)
         assert logits is not None, "prefill needs at least one token"
+        if trace is not None:
+            trace.final_bytes = cache.nbytes()
         return logits[-1]
 
     def step(

@@ -27,7 +27,7 @@ from trieserve.decoding.verify import verify_greedy, verify_sampling
 
 log = logging.getLogger(__name__)
 
-COST_LADDER = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 257)
+COST_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class StepCost:
@@ -40,7 +40,7 @@ class StepCost:
         self.alpha = alpha
 
     @classmethod
-    def measure(cls, runner, max_rows: int, prefix: int = 128, reps: int = 2) -> StepCost:
+    def measure(cls, runner, max_rows: int, prefix: int = 128, reps: int = 1) -> StepCost:
         sizes = [s for s in COST_LADDER if s <= max_rows] or [1]
         if sizes[-1] < max_rows:
             sizes.append(max_rows)
@@ -56,7 +56,8 @@ class StepCost:
                 times.append(time.perf_counter() - start)
                 cache.truncate_new(n, 0)
             seconds.append(sorted(times[1:])[len(times[1:]) // 2])
-        log.info("forward cost by rows: %s", ", ".join(f"{n}:{s * 1e3:.1f}ms" for n, s in zip(sizes, seconds)))
+        pairs = zip(sizes, seconds, strict=True)
+        log.info("forward cost by rows: %s", ", ".join(f"{n}:{s * 1e3:.1f}ms" for n, s in pairs))
         return cls(sizes, _monotone(seconds))
 
     def __call__(self, rows: int) -> float:
@@ -100,7 +101,7 @@ class Speculator:
         store: OutputStore,
         config: DraftConfig,
         decoding_length: int,
-        cost: StepCost,
+        cost: StepCost | None,
         trie_path=None,
         adaptive: bool = True,
     ) -> None:
@@ -127,6 +128,8 @@ class Speculator:
     # -- the decode step -----------------------------------------------------------------------
     def step(self, runner, seq) -> tuple[list[int], int, int]:
         """One draft-verify-accept step. Returns (new tokens, drafted, accepted)."""
+        if self.cost is None:  # lookahead off by default: measured when first asked for
+            self.cost = StepCost.measure(runner, self.decoding_length + 1)
         state: LookaheadState = seq.state["lookahead"]
         if len(seq.output_ids) > state.inserted:
             self.store.insert(seq.output_ids, state.inserted)

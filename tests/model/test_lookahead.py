@@ -44,9 +44,9 @@ def copy_prompt(tokenizer):
 
 def test_greedy_lookahead_is_token_identical_on_copy_prompt(engine, tokenizer, hf_model):
     ids = copy_prompt(tokenizer)
-    plain, fin_plain = generate(engine, ids, 96, lookahead=False)
-    fast, fin_fast = generate(engine, ids, 96, lookahead=True)
-    ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=96, do_sample=False)[0, len(ids) :].tolist()
+    plain, fin_plain = generate(engine, ids, 64, lookahead=False)
+    fast, fin_fast = generate(engine, ids, 64, lookahead=True)
+    ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False)[0, len(ids) :].tolist()
     assert plain == ref
     assert fast == ref
     assert fin_fast.stats["draft_tokens"] > 0 and fin_fast.stats["accepted_tokens"] > 10
@@ -60,10 +60,10 @@ def test_greedy_lookahead_randomized_prompts(engine, tokenizer):
     rng = random.Random(0)
     text = inspect.getsource(json.decoder)
     for _ in range(3):
-        start = rng.randrange(0, len(text) - 800)
-        ids = tokenizer.encode(text[start : start + rng.randrange(200, 800)])
+        start = rng.randrange(0, len(text) - 600)
+        ids = tokenizer.encode(text[start : start + rng.randrange(200, 600)])
         ids += [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(0, 5))]
-        n = rng.randrange(20, 48)
+        n = rng.randrange(16, 32)
         plain, _ = generate(engine, ids, n, lookahead=False)
         fast, fin = generate(engine, ids, n, lookahead=True)
         assert fast == plain, f"mismatch on a prompt of {len(ids)} tokens"
@@ -74,19 +74,19 @@ def test_seeded_sampling_identical_with_and_without_lookahead(engine, tokenizer)
     same seed lookahead sampling reproduces plain sampling token for token."""
     ids = copy_prompt(tokenizer)
     params = SamplingParams(temperature=0.7, top_p=0.95, top_k=50, seed=42, repetition_penalty=1.05)
-    plain, _ = generate(engine, ids, 48, lookahead=False, params=params)
-    fast, fin = generate(engine, ids, 48, lookahead=True, params=params)
-    again, _ = generate(engine, ids, 48, lookahead=True, params=params)
+    plain, _ = generate(engine, ids, 32, lookahead=False, params=params)
+    fast, fin = generate(engine, ids, 32, lookahead=True, params=params)
+    again, _ = generate(engine, ids, 32, lookahead=True, params=params)
     assert fast == plain == again
     assert fin.stats["draft_tokens"] > 0
 
 
 def test_stop_string_inside_accepted_chunk(engine, tokenizer):
     ids = copy_prompt(tokenizer)
-    plain, _ = generate(engine, ids, 64, lookahead=False)
+    plain, _ = generate(engine, ids, 40, lookahead=False)
     text = tokenizer.decode(plain, skip_special_tokens=True)
     stop = text[40:46]
-    req = dict(max_tokens=64, params=SamplingParams(temperature=0), stop=[stop])
+    req = dict(max_tokens=40, params=SamplingParams(temperature=0), stop=[stop])
     outs = []
     for la in (False, True):
         events: queue.Queue = queue.Queue()

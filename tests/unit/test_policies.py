@@ -1,0 +1,225 @@
+"""Eviction policies, budgets and compaction on synthetic scores and caches (no model)."""
+
+import math
+
+import pytest
+import torch
+from trieserve.cache.eviction import (
+    DECODE_HEADROOM,
+    Eviction,
+    WindowCapture,
+    chunk_bounds,
+    compress,
+    eviction_for,
+)
+from trieserve.cache.kv import KVCache
+from trieserve.cache.policies import POLICIES, LayerDefensivePolicy, make_policy, top_rows
+
+W = 4
+
+
+def planted_queries(probs: torch.Tensor, scaling: float = 1.0):
+    """Queries and one-hot keys whose softmax rows are exactly `probs` [Hq, W, S] (one batch,
+    one KV head): key j = e_j, query = log p / scaling, so logit_j = log p_j."""
+    Hq, Wq, S = probs.shape
+    q = (probs.log() / scaling).unsqueeze(0)  # [1, Hq, W, D=S]
+    k = torch.eye(S).expand(1, 1, S, S).contiguous()  # [1, 1, S, D=S]
+    return q, k
+
+
+def planted_case():
+    # Two query heads of one KV head, one window query each, three prefix rows + the window row.
+    # Row 0: moderate for both heads; row 1: a spike in head 0 only; row 2: nobody looks.
+    probs = torch.tensor([[[0.35, 0.55, 0.05, 0.05]], [[0.35, 0.01, 0.05, 0.59]]])
+    return planted_queries(probs)
+
+
+def test_mean_aggregation_hand_computed():
+    q, k = planted_case()
+    got = make_policy("snapkv", pool_kernel=1).score(q, k, 1.0, window=1)
+    expected = torch.tensor([[[0.35, (0.55 + 0.01) / 2, 0.05]]])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_defensive_aggregation_hand_computed():
+    q, k = planted_case()
+    got = make_policy("defensive", pool_kernel=1).score(q, k, 1.0, window=1)
+    maxima = torch.tensor([0.35, 0.55, 0.05])
+    expected = torch.maximum(maxima, maxima.mean()).view(1, 1, 3)  # floor: (0.35+0.55+0.05)/3
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_defensive_and_mean_keep_different_rows_where_one_head_spikes():
+    q, k = planted_case()
+    keep = 1 + 1  # one prefix row + the window row
+    snap = make_policy("snapkv", pool_kernel=1)
+    defensive = make_policy("defensive", pool_kernel=1)
+    kept_mean = snap.plan({0: snap.score(q, k, 1.0, 1)}, keep, 1)[0]
+    kept_def = defensive.plan({0: defensive.score(q, k, 1.0, 1)}, keep, 1)[0]
+    assert kept_mean.tolist() == [[[0, 3]]]  # the row everyone reads moderately
+    assert kept_def.tolist() == [[[1, 3]]]  # the row one head depends on
+
+
+def test_defensive_and_mean_agree_when_heads_agree():
+    probs = torch.tensor([[[0.1, 0.6, 0.2, 0.1]], [[0.1, 0.6, 0.2, 0.1]]])
+    q, k = planted_queries(probs)
+    for name in ("snapkv", "defensive"):
+        policy = make_policy(name, pool_kernel=1)
+        assert policy.plan({0: policy.score(q, k, 1.0, 1)}, 3, 1)[0].tolist() == [[[1, 2, 3]]]
+
+
+@pytest.mark.parametrize(
+    "budget, prompt, keep",
+    [(0.2, 1000, 200), (0.5, 301, 151), (1.0, 300, 300), (300, 1000, 300), (5000, 1000, 1000), (0.01, 1000, 32), (2.0, 1000, 32)],
+)
+def test_budget_is_a_fraction_or_a_token_count(budget, prompt, keep):
+    assert Eviction(make_policy("snapkv"), budget, window=32).keep(prompt) == keep
+
+
+def test_short_prompts_and_full_budgets_are_not_evicted():
+    ev = Eviction(make_policy("defensive"), 0.5, window=32)
+    assert not ev.applies(32 + 3)
+    assert ev.applies(200)
+    assert not Eviction(make_policy("defensive"), 1.0, window=32).applies(200)
+    assert not Eviction(make_policy("full"), 0.5, window=32).applies(200)
+    assert eviction_for("full", 0.5, 32) is None
+    with pytest.raises(ValueError):
+        Eviction(make_policy("snapkv"), 0.0)
+    with pytest.raises(ValueError, match="unknown KV policy"):
+        make_policy("h2o")
+
+
+def check_index(index: torch.Tensor, S: int, K: int, window: int) -> None:
+    assert index.dtype == torch.int64 and index.shape[-1] == K
+    assert (index[..., 1:] > index[..., :-1]).all(), "ascending, no duplicates"
+    assert index.min() >= 0 and index.max() < S
+    assert (index[..., -window:] == torch.arange(S - window, S)).all(), "the window is kept"
+
+
+def random_scores(L=3, B=2, H=3, P=60, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {layer: torch.rand(B, H, P, generator=gen) for layer in range(L)}
+
+
+def test_per_head_top_k_keeps_exactly_the_budget_and_the_window():
+    scores = random_scores()
+    keep = 20
+    plan = make_policy("snapkv").plan(scores, keep, W)
+    for layer, index in plan.items():
+        check_index(index, 60 + W, keep, W)
+        expected = scores[layer].topk(keep - W, dim=-1).indices.sort(-1).values
+        assert torch.equal(index[..., :-W], expected)
+    heads = plan[0][0]
+    assert not torch.equal(heads[0], heads[1]) and not torch.equal(heads[1], heads[2])
+
+
+def test_ties_go_to_recent_rows():
+    scores = torch.tensor([[[5.0, 1.0, 1.0, 1.0, 1.0]]])
+    assert top_rows(scores, 3).tolist() == [[[0, 3, 4]]]
+
+
+def test_streaming_keeps_sinks_and_the_most_recent_rows():
+    policy = make_policy("streaming", sinks=4)
+    keys = torch.zeros(1, 2, 50, 8)
+    index = policy.plan({0: policy.score(None, keys, 1.0, W)}, 16, W)[0]
+    assert index[0, 0].tolist() == [0, 1, 2, 3, *range(38, 50)]
+
+
+def test_layer_defensive_global_budget_sums_to_the_uniform_total():
+    scores = random_scores(L=4, P=80)
+    scores[2] = scores[2] * 10  # a layer whose rows matter more gets more of the budget
+    scores[3] = scores[3] * 0.01
+    keep = 30
+    policy = LayerDefensivePolicy()
+    budgets = policy.layer_budgets(scores, keep, W)
+    assert sum(budgets.values()) == 4 * keep
+    assert budgets[2] > keep > budgets[3] >= W
+    plan = policy.plan(scores, keep, W)
+    assert sum(plan[layer].shape[-1] for layer in plan) + sum(
+        80 + W for layer in scores if layer not in plan
+    ) == 4 * keep
+    for layer, index in plan.items():
+        check_index(index, 80 + W, budgets[layer], W)
+
+
+def test_layer_defensive_never_gives_a_layer_more_than_it_holds():
+    scores = {0: torch.full((1, 2, 10), 100.0), 1: torch.rand(1, 2, 200)}
+    budgets = LayerDefensivePolicy().layer_budgets(scores, 60, W)
+    assert budgets[0] == 10 + W
+    assert sum(budgets.values()) == 2 * 60
+
+
+def filled_cache(L=3, B=1, H=3, S=90, D=8, G=3, seed=0):
+    """A KVCache whose key rows encode their own position (row s has keys[..., 0] == s)."""
+    gen = torch.Generator().manual_seed(seed)
+    cache = KVCache(L)
+    for layer in cache.layers:
+        k = torch.randn(B, H, S, D, generator=gen)
+        k[..., 0] = torch.arange(S, dtype=torch.float32)
+        layer.update(k, -k)
+    capture = WindowCapture(W)
+    for i in range(L):
+        capture.record(i, torch.randn(B, H * G, 16, D, generator=gen), D**-0.5)
+    return cache, capture
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_compacts_a_cache(name):
+    cache, capture = filled_cache()
+    before = cache.nbytes()
+    policy = make_policy(name)
+    keep = 30
+    done = compress(cache, policy, capture, keep, W, reserve=0)
+    if not policy.evicts:
+        assert done == {} and cache.nbytes() == before and cache.lengths() == [90] * 3
+        return
+    assert sorted(done) == [0, 1, 2]
+    assert sum(cache.lengths()) == 3 * keep
+    assert cache.nbytes() < before * 0.5
+    for layer in cache.layers:
+        rows = layer.keys[..., 0].long()  # the positions that were kept
+        check_index(rows, 90, layer.length, W)
+        assert torch.equal(layer.values, -layer.keys)
+        assert layer.keys.shape[2] == layer.length and layer.capacity == layer.length
+
+
+def test_compaction_frees_buffers_and_grows_by_its_reserve():
+    cache, capture = filled_cache(L=1)
+    layer = cache.layers[0]
+    old = layer._k
+    compress(cache, make_policy("defensive"), capture, 20, W, reserve=DECODE_HEADROOM)
+    assert layer._k is not old and layer.capacity == 20 + DECODE_HEADROOM
+    assert layer.nbytes() == 2 * (20 + DECODE_HEADROOM) * 3 * 8 * 4
+    kept = layer.keys.clone()
+    layer.update(torch.ones(1, 3, DECODE_HEADROOM + 1, 8), torch.ones(1, 3, DECODE_HEADROOM + 1, 8))
+    assert layer.capacity == 20 + DECODE_HEADROOM + 1 + DECODE_HEADROOM  # not doubled
+    assert torch.equal(layer.keys[:, :, :20], kept)
+
+
+def test_compress_leaves_layers_within_budget_plus_slack_alone():
+    cache, capture = filled_cache()
+    assert compress(cache, make_policy("snapkv"), capture, 60, W, slack=30) == {}
+    assert len(compress(cache, make_policy("snapkv"), capture, 60, W, slack=29)) == 3
+
+
+def test_window_capture_needs_a_chunk_holding_the_window():
+    capture = WindowCapture(8)
+    with pytest.raises(ValueError, match="cannot hold a window"):
+        capture.record(0, torch.zeros(1, 3, 5, 4), None)
+    capture.record(1, torch.arange(10.0).view(1, 1, 10, 1), None)
+    assert capture.queries[1].flatten().tolist() == list(range(2, 10))
+    assert math.isclose(capture.scaling[1], 1.0)
+
+
+@pytest.mark.parametrize(
+    "start, end, chunk, min_len, expected",
+    [
+        (0, 100, 64, 1, [(0, 64), (64, 100)]),
+        (0, 70, 64, 32, [(0, 70)]),  # a 6-token tail joins the chunk before it
+        (0, 200, 64, 32, [(0, 64), (64, 128), (128, 200)]),
+        (0, 100, 16, 32, [(0, 32), (32, 64), (64, 100)]),  # chunks never shorter than the window
+        (10, 40, 64, 32, [(10, 40)]),
+    ],
+)
+def test_chunk_bounds(start, end, chunk, min_len, expected):
+    assert chunk_bounds(start, end, chunk, min_len) == expected
