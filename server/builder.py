@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from trieserve.decoding.draft import DraftConfig
+from trieserve.kernels.dispatch import set_backend
 from trieserve.decoding.trie import OutputStore
 from trieserve.server.engine import Engine, EngineConfig
 from trieserve.server.model import load_model, resolve_model_path
@@ -23,6 +24,7 @@ def build_engine(settings: Settings, metrics=None):
     device = settings.resolved_device()
     log.info("loading %s on %s (%s)", path, device, settings.dtype)
     torch.manual_seed(0)
+    set_backend(settings.kernels)
     model, tokenizer = load_model(path, settings.dtype, device)
     runner = ModelRunner(model, prefill_chunk=settings.prefill_chunk)
     config = EngineConfig(

@@ -27,6 +27,7 @@ from trieserve.cache.eviction import (
 )
 from trieserve.cache.kv import KVCache
 from trieserve.kernels.tree_attention import attention_forward as kernel_attention_forward
+from trieserve.kernels.dispatch import use_triton
 from trieserve.kernels.tree_attention import pack_ancestor_mask
 
 ATTENTION_NAME = "trieserve"
@@ -40,8 +41,9 @@ def tree_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, 
     capture = kwargs.get("window_capture")
     if capture is not None:
         capture.record(module.layer_idx, query, scaling)
-    if query.is_cuda and kwargs.get("anc_bits") is not None:
-        # on a GPU the Triton tree-attention kernel reads the bit-packed ancestor mask
+    if kwargs.get("anc_bits") is not None:
+        # the kernel path (CUDA, or forced): the Triton tree-attention kernel reads the
+        # bit-packed ancestor mask
         return kernel_attention_forward(module, query, key, value, None, scaling=scaling, **kwargs)
     tree_mask = kwargs.get("tree_mask")
     t, s = query.shape[2], key.shape[2]
@@ -99,7 +101,7 @@ class ModelRunner:
             kwargs["window_capture"] = window_capture
         if tree_mask is not None:
             kwargs["tree_mask"] = tree_mask.to(self.device)
-            if self.device.type == "cuda":
+            if use_triton(kwargs["tree_mask"]):
                 kwargs["anc_bits"] = pack_ancestor_mask(kwargs["tree_mask"].unsqueeze(0))
         out = self.model(
             input_ids=input_ids.to(self.device).unsqueeze(0),

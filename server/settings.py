@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     )
     trie_path: Path | None = Field(None, description="file the shared output trie is loaded from and saved to")
     trie_capacity: int = Field(500_000, ge=1000, description="max nodes of the shared output trie")
+    kernels: Literal["auto", "reference", "triton"] = Field(
+        "auto", description="auto: Triton kernels on CUDA, PyTorch references elsewhere; or force one"
+    )
     # kv cache
     kv_policy: Literal["full", "streaming", "snapkv", "defensive", "layer_defensive"] = "full"
     kv_budget: float = Field(1.0, gt=0, description="kept KV entries: a fraction (<=1) or a token count (>1)")
