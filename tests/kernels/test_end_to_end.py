@@ -1,6 +1,7 @@
 """A lookahead generation with the kernels forced through Triton (the interpreter on CPU) gives
 the same tokens as with the PyTorch references, on a tiny randomly initialised Llama."""
 
+import importlib
 import queue
 
 import pytest
@@ -45,7 +46,7 @@ def generate(engine, ids):
 
 
 def test_lookahead_through_triton_kernels_matches_references(tokenizer, tmp_path, monkeypatch):
-    from trieserve.kernels import tree_attention as module
+    module = importlib.import_module("trieserve.kernels.tree_attention")
 
     calls = []
     kernel = module.tree_attention_triton
