@@ -3,8 +3,8 @@
     python bench/kernels.py            # on a CUDA machine: realistic sizes, fp16 and bf16
     python bench/kernels.py --reps 50
 
-Sizes follow SmolLM2-135M (9 query heads, 3 KV heads, head_dim 64, vocabulary 49152):
-prefixes of 1k-8k keys, trees of 16-128 tokens. tree_attention is also timed against torch
+Sizes follow Llama-3-8B (32 query heads, 8 KV heads, head_dim 128, vocabulary 128256):
+prefixes of 1k-32k keys, trees of 16-128 tokens. tree_attention is also timed against torch
 SDPA with a dense boolean mask, which is what a model would run without the kernel.
 Without a GPU it says so and times the references (and SDPA) at small sizes only; the
 interpreter is far too slow to say anything about the kernels' speed. Exits 0 either way.
@@ -35,7 +35,7 @@ from trieserve.kernels import (
     verify_sampling_triton,
 )
 
-HQ, HKV, HEAD_DIM, VOCAB = 9, 3, 64, 49152
+HQ, HKV, HEAD_DIM, VOCAB = 32, 8, 128, 128256
 COLUMNS = ("op", "shape", "dtype", "triton ms", "reference ms", "sdpa ms", "ref/triton")
 
 
@@ -176,10 +176,10 @@ def main() -> int:
             f"GPU: {torch.cuda.get_device_name()}; triton: {'yes' if HAS_TRITON else 'no (references only)'}"
         )
         for dtype in (torch.float16, torch.bfloat16):
-            tree_sizes = [(1, p, t) for p in (1024, 4096, 8192) for t in (16, 64, 128)] + [(8, 2048, 64)]
+            tree_sizes = [(1, p, t) for p in (1024, 8192, 32768) for t in (16, 64, 128)] + [(8, 2048, 64)]
             rows += bench_tree_attention(tree_sizes, dtype, device, args.reps, with_triton)
             rows += bench_eviction_scores(
-                [(1024, 32), (4096, 32), (8192, 32)], dtype, device, args.reps, with_triton
+                [(1024, 32), (8192, 32), (32768, 32)], dtype, device, args.reps, with_triton
             )
             rows += bench_compact_kv([(1, 8192, 1024), (8, 4096, 512)], dtype, device, args.reps, with_triton)
         rows += bench_verify([(1, 16), (1, 64), (1, 128), (8, 64)], device, args.reps, with_triton)
@@ -187,8 +187,8 @@ def main() -> int:
         device = torch.device("cpu")
         print("no GPU: timing the PyTorch references only, at small sizes (the Triton kernels need CUDA)")
         reps = min(args.reps, 5)
-        rows += bench_tree_attention([(1, 256, 16), (1, 1024, 64)], torch.float32, device, reps, False)
-        rows += bench_eviction_scores([(512, 32), (1024, 32)], torch.float32, device, reps, False)
+        rows += bench_tree_attention([(1, 256, 16), (1, 512, 64)], torch.float32, device, reps, False)
+        rows += bench_eviction_scores([(256, 32), (512, 32)], torch.float32, device, reps, False)
         rows += bench_compact_kv([(1, 1024, 128)], torch.float32, device, reps, False)
         rows += bench_verify([(1, 16), (1, 64)], device, reps, False)
     print_table(rows)
