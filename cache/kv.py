@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+from trieserve.kernels.compact_kv import compact_kv
 
 MIN_CAPACITY = 64
 
@@ -25,6 +26,9 @@ class GrowableLayer(DynamicLayer):
         self.length = 0
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
+        # None: capacity doubles when full. After eviction, rows: grow by the rows needed plus
+        # this many, so an evicted layer stays near its budget instead of doubling it.
+        self.grow_by: int | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -55,7 +59,11 @@ class GrowableLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
         if self.length + n > self.capacity:
-            self._allocate(self._k.shape[:2], self._k.shape[-1], max(2 * self.capacity, self.length + n))
+            if self.grow_by is None:
+                capacity = max(2 * self.capacity, self.length + n)
+            else:
+                capacity = self.length + n + self.grow_by
+            self._allocate(self._k.shape[:2], self._k.shape[-1], capacity)
         self._k[:, :, self.length : self.length + n] = key_states
         self._v[:, :, self.length : self.length + n] = value_states
         self.length += n
@@ -96,6 +104,19 @@ class GrowableLayer(DynamicLayer):
         self.is_initialized = True
         self._sync_views()
 
+    @torch.no_grad()
+    def compact(self, index: torch.Tensor, reserve: int = 0) -> None:
+        """Eviction: keep rows `index` (int64 [B, H, K], ascending per head) in new buffers of
+        capacity K + `reserve`; the old buffers are freed. Later growth adds the rows needed plus
+        max(reserve, MIN_CAPACITY) (see `grow_by`)."""
+        B, H, K = index.shape
+        keys = torch.empty(B, H, K + reserve, self._k.shape[-1], dtype=self.dtype, device=self.device)
+        values = torch.empty(B, H, K + reserve, self._v.shape[-1], dtype=self.dtype, device=self.device)
+        compact_kv(self.keys, self.values, index.to(self.device), out_k=keys[:, :, :K], out_v=values[:, :, :K])
+        self.replace(keys, values)
+        self.truncate(K)
+        self.grow_by = max(reserve, MIN_CAPACITY)
+
     def nbytes(self) -> int:
         return 0 if self._k is None else self._k.nbytes + self._v.nbytes
 
@@ -135,3 +156,7 @@ class KVCache(Cache):
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def mean_length(self) -> float:
+        """Mean rows per layer (every KV head of a layer holds the same count)."""
+        return sum(self.lengths()) / max(len(self.layers), 1)

@@ -21,6 +21,8 @@ class Metrics:
         self.drafts = Counter("trieserve_drafts", "decode steps that carried a draft tree", registry=r)
         self.kv_kept = Counter("trieserve_kv_tokens_kept", "KV tokens kept after eviction", registry=r)
         self.kv_seen = Counter("trieserve_kv_tokens_seen", "KV tokens before eviction", registry=r)
+        self.kv_evicted = Counter("trieserve_kv_tokens_evicted", "KV tokens dropped by eviction", registry=r)
+        self.kv_bytes = Gauge("trieserve_kv_cache_bytes", "bytes held by running sequences' KV caches", registry=r)
         self.ttft = Histogram("trieserve_time_to_first_token_seconds", "time to first token", buckets=LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram(
             "trieserve_time_per_output_token_seconds", "mean time per output token after the first",
@@ -52,6 +54,7 @@ class Metrics:
         self.forward_passes.inc()  # the prefill
         self.kv_kept.inc(seq.stats.kv_tokens_kept)
         self.kv_seen.inc(seq.stats.kv_tokens_total)
+        self.kv_evicted.inc(max(seq.stats.kv_tokens_total - seq.stats.kv_tokens_kept, 0))
         self.e2e.observe(now - seq.created)
         if completion_tokens > 1 and seq.first_token_at is not None:
             self.tpot.observe((now - seq.first_token_at) / (completion_tokens - 1))
@@ -59,5 +62,8 @@ class Metrics:
     def render(self, engine=None) -> bytes:
         if engine is not None:
             self.queue_length.set(engine.queue_length)
-            self.running.set(len(engine.running))
+            running = list(engine.running)
+            self.running.set(len(running))
+            caches = [seq.cache for seq in running]
+            self.kv_bytes.set(sum(c.nbytes() for c in caches if c is not None))
         return generate_latest(self.registry)
