@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from trieserve.cache.eviction import Eviction, eviction_for
 from trieserve.decoding.sampling import choose_token, make_generator
+from trieserve.decoding.tree import DraftTree, pack
+from trieserve.server.batch import StepRows
 from trieserve.server.errors import QueueFullError, ServerShuttingDownError
 from trieserve.server.runner import ModelRunner
 from trieserve.server.sequence import Event, Failure, GenerationRequest, Sequence
@@ -100,8 +102,7 @@ class Engine:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
-            for seq in list(self.running):
-                self._advance(seq)
+            self._round()
         for seq in self.running + _drain(self.waiting):
             seq.finish("cancelled")
         self.running.clear()
@@ -114,31 +115,50 @@ class Engine:
                 return
             self.running.append(seq)
 
-    def _advance(self, seq: Sequence) -> None:
-        try:
+    def _round(self) -> None:
+        """One batched decode step for every sequence past prefill, then one prefill for the
+        oldest waiting sequence (FIFO, so a long prompt is never starved)."""
+        ready = []
+        for seq in list(self.running):
             if seq.cancelled.is_set():
-                seq.finish("cancelled")
-            else:
-                if self.fault_hook is not None:
-                    self.fault_hook(seq)
-                if seq.cache is None:
-                    self._prefill(seq)
-                else:
-                    self._decode(seq)
-                if seq.done:
-                    seq.finish()
-                    if self.metrics is not None:
-                        self.metrics.finished(seq, len(seq.prompt_ids), len(seq.output_ids))
-        except Exception as exc:  # one sequence's failure must not take down the others
-            log.exception("sequence failed")
-            seq.finish_reason = seq.finish_reason or "error"
-            seq.cache = None
-            seq.emit(Failure(exc))
-        if seq.done or seq.finish_reason:
-            if seq in self.running:
-                self.running.remove(seq)
-            if self.speculator is not None:
-                self.speculator.release(seq)
+                self._end(seq, "cancelled")
+            elif self.fault_hook is None or self._guarded([seq], lambda ss: self.fault_hook(ss[0])):
+                ready.append(seq)
+        decoding = [s for s in ready if s.cache is not None]
+        if decoding:
+            self._guarded(decoding, self._decode_batch)
+        prefilling = [s for s in ready if s.cache is None and not s.done]
+        if prefilling:
+            self._guarded(prefilling[:1], lambda seqs: self._prefill(seqs[0]))
+        for seq in ready:
+            if seq.done and seq in self.running:
+                self._end(seq)
+
+    def _guarded(self, seqs: list[Sequence], fn) -> bool:
+        """Run fn(seqs); an exception fails exactly these sequences, not the engine."""
+        try:
+            fn(seqs)
+            return True
+        except Exception as exc:
+            log.exception("step failed for %d sequence(s)", len(seqs))
+            for seq in seqs:
+                seq.finish_reason = seq.finish_reason or "error"
+                seq.cache = None
+                seq.emit(Failure(exc))
+                self._release(seq)
+            return False
+
+    def _end(self, seq: Sequence, reason: str | None = None) -> None:
+        seq.finish(reason)
+        if self.metrics is not None and reason is None:
+            self.metrics.finished(seq, len(seq.prompt_ids), len(seq.output_ids))
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq)
 
     def _prefill(self, seq: Sequence) -> None:
         start = time.perf_counter()
@@ -165,26 +185,34 @@ class Engine:
         budget = self.config.kv_budget if request.kv_budget is None else request.kv_budget
         return eviction_for(policy, budget, self.config.kv_window)
 
-    def _decode(self, seq: Sequence) -> None:
+    def _decode_batch(self, seqs: list[Sequence]) -> None:
+        """Draft (sized for the whole batch), one forward, then verify and accept per sequence."""
         start = time.perf_counter()
-        if seq.lookahead:
-            new_tokens, drafted, accepted = self.speculator.step(self.runner, seq)
-        else:
-            new_tokens, drafted, accepted = self._plain_step(seq), 0, 0
-        seq.stats.forward_passes += 1
-        seq.stats.draft_tokens += drafted
-        seq.stats.accepted_tokens += accepted
-        used = seq.append(new_tokens)
-        seq.pending_token = new_tokens[-1]
-        seq.stats.decode_s += time.perf_counter() - start
-        if self.metrics is not None:
-            self.metrics.step(drafted, accepted, used)
-
-    def _plain_step(self, seq: Sequence) -> list[int]:
-        ids = torch.tensor([seq.pending_token])
-        logits = self.runner.step(seq.cache, ids, torch.tensor([seq.logical_len]), None)
-        seq.logical_len += 1
-        return [choose_token(logits[0], seq.params, seq.prompt_ids, seq.output_ids, seq.generator)]
+        speculating = self.speculator is not None and any(s.lookahead for s in seqs)
+        trees = self.speculator.plan(self.runner, seqs) if speculating else [DraftTree.empty()] * len(seqs)
+        parts = []
+        for seq, tree in zip(seqs, trees, strict=True):
+            packed = pack(tree, seq.pending_token, seq.logical_len)
+            parts.append(StepRows(packed.input_ids, packed.position_ids, packed.tree_mask if len(tree) else None))
+        forward_start = time.perf_counter()
+        logits = self.runner.step_batch([s.cache for s in seqs], parts)
+        if speculating:
+            self.speculator.observe(sum(len(t) + 1 for t in trees), time.perf_counter() - forward_start)
+        for seq, tree, rows in zip(seqs, trees, logits, strict=True):
+            if seq.lookahead:
+                tokens, accepted = self.speculator.accept(seq, tree, rows)
+            else:
+                seq.logical_len += 1
+                tokens = [choose_token(rows[0], seq.params, seq.prompt_ids, seq.output_ids, seq.generator)]
+                accepted = 0
+            seq.stats.forward_passes += 1
+            seq.stats.draft_tokens += len(tree)
+            seq.stats.accepted_tokens += accepted
+            used = seq.append(tokens)
+            seq.pending_token = tokens[-1]
+            seq.stats.decode_s += time.perf_counter() - start
+            if self.metrics is not None:
+                self.metrics.step(len(tree), accepted, used)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -26,9 +26,10 @@ from trieserve.cache.eviction import (
     compress,
 )
 from trieserve.cache.kv import KVCache
-from trieserve.kernels.tree_attention import attention_forward as kernel_attention_forward
 from trieserve.kernels.dispatch import use_triton
+from trieserve.kernels.tree_attention import attention_forward as kernel_attention_forward
 from trieserve.kernels.tree_attention import pack_ancestor_mask
+from trieserve.server.batch import BatchCache, StepRows, pad_rows
 
 ATTENTION_NAME = "trieserve"
 
@@ -38,6 +39,8 @@ def tree_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, 
     `tree_mask` (bool [T, T] or [B, T, T]) says which new rows see which; without one the new rows
     are causal. `window_capture` (a WindowCapture) records this layer's last window queries.
     Returns ([B, T, Hq, D], None) as transformers expects."""
+    if isinstance(key, list):  # a batched step: each sequence attends to its own cache
+        return _per_sequence_attention(module, query, key, value, scaling, kwargs)
     capture = kwargs.get("window_capture")
     if capture is not None:
         capture.record(module.layer_idx, query, scaling)
@@ -62,6 +65,22 @@ def tree_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, 
         query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=True
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _per_sequence_attention(module, query, keys, values, scaling, kwargs):
+    """query [B, Hq, T_max, D] (padded); keys/values: per-sequence [1, Hkv, S_b, D]. Padded query
+    rows get zeros (their outputs are never read)."""
+    rows, masks = kwargs["batch_rows"], kwargs["batch_tree_masks"]
+    out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+    for b, (t, mask) in enumerate(zip(rows, masks, strict=True)):
+        extra = {}
+        if mask is not None:
+            extra["tree_mask"] = mask
+            if use_triton(query):
+                extra["anc_bits"] = pack_ancestor_mask(mask.unsqueeze(0))
+        o, _ = tree_sdpa_attention(module, query[b : b + 1, :, :t], keys[b], values[b], None, scaling=scaling, **extra)
+        out[b, :t] = o[0]
+    return out, None
 
 
 AttentionInterface.register(ATTENTION_NAME, tree_sdpa_attention)
@@ -151,6 +170,27 @@ class ModelRunner:
         if trace is not None:
             trace.final_bytes = cache.nbytes()
         return logits[-1]
+
+    @torch.no_grad()
+    def step_batch(self, caches: list[KVCache], parts: list[StepRows]) -> list[torch.Tensor]:
+        """One forward over several sequences' new rows (see server/batch.py for the layout).
+        Returns fp32 logits [T_b, V] per sequence (only `logits_rows` when a part sets it)."""
+        ids, pos, rows = pad_rows(parts, self.device)
+        masks = [None if p.tree_mask is None or p.input_ids.numel() == 1 else p.tree_mask.to(self.device) for p in parts]
+        hidden = self.model.base_model(
+            input_ids=ids,
+            position_ids=pos,
+            cache=BatchCache(caches, rows),
+            use_cache=True,
+            batch_rows=rows,
+            batch_tree_masks=masks,
+        ).last_hidden_state
+        picked = []
+        for b, p in enumerate(parts):
+            sl = p.logits_rows if p.logits_rows is not None else slice(0, rows[b])
+            picked.append(hidden[b, sl])
+        logits = self.model.get_output_embeddings()(torch.cat(picked)).float()
+        return list(logits.split([t.shape[0] for t in picked]))
 
     def step(
         self, cache: KVCache, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor | None

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from trieserve.decoding.draft import DraftConfig, accepted_curve, draft, expected_accepted
-from trieserve.decoding.tree import DraftTree, pack
+from trieserve.decoding.tree import DraftTree
 from trieserve.decoding.trie import OutputStore, PromptTrie
 from trieserve.decoding.verify import verify_greedy, verify_sampling
 
@@ -125,50 +125,72 @@ class Speculator:
         if self.trie_path is not None:
             self.store.save(self.trie_path)
 
-    # -- the decode step -----------------------------------------------------------------------
-    def step(self, runner, seq) -> tuple[list[int], int, int]:
-        """One draft-verify-accept step. Returns (new tokens, drafted, accepted)."""
+    # -- the decode step: plan (draft + size), then accept after the batched forward -----------
+    def plan(self, runner, seqs: list) -> list[DraftTree]:
+        """Draft trees for one batched step, one per sequence (empty for sequences not
+        speculating), sized together so the whole step maximises expected tokens per second:
+        (B + sum of calibrated node probabilities kept) / cost(B + nodes kept). Every node's
+        marginal gain is its calibrated path probability, so the best plan for n extra rows is
+        the n best nodes over all trees, and only the total n has to be searched."""
         if self.cost is None:  # lookahead off by default: measured when first asked for
             self.cost = StepCost.measure(runner, self.decoding_length + 1)
+        trees = [self.draft_for(seq) if seq.lookahead else DraftTree.empty() for seq in seqs]
+        if not self.adaptive or not any(len(t) for t in trees):
+            return trees
+        gains = []  # (calibrated gain, sequence index), each tree's nodes in its own rank order
+        for b, (seq, tree) in enumerate(zip(seqs, trees, strict=True)):
+            if len(tree):
+                c = max(seq.state["lookahead"].calibration, 0.05)
+                curve = accepted_curve(tree)
+                gains += [(c * (curve[i + 1] - curve[i]), b) for i in range(len(tree))]
+        gains.sort(key=lambda g: -g[0])
+        base = len(seqs)
+        best_n, best_rate, total = 0, base / self.cost(base), 0.0
+        for n, (gain, _) in enumerate(gains, start=1):
+            total += gain
+            rate = (base + total) / self.cost(base + n)
+            if rate > best_rate:
+                best_n, best_rate = n, rate
+        keep = [0] * len(seqs)
+        for _, b in gains[:best_n]:
+            keep[b] += 1
+        return [tree.top(k) for tree, k in zip(trees, keep, strict=True)]
+
+    def draft_for(self, seq) -> DraftTree:
+        """The full-budget tree for one sequence (streams its new output into the store first)."""
         state: LookaheadState = seq.state["lookahead"]
         if len(seq.output_ids) > state.inserted:
             self.store.insert(seq.output_ids, state.inserted)
             state.inserted = len(seq.output_ids)
-        tree = self.propose(seq, state)
-        packed = pack(tree, seq.pending_token, seq.logical_len)
-        start = time.perf_counter()
-        logits = runner.step(seq.cache, packed.input_ids, packed.position_ids, packed.tree_mask)
-        if seq.params.greedy and not seq.params.has_penalties:
-            verdict = verify_greedy(tree, logits)
-        else:
-            verdict = verify_sampling(tree, logits, seq.params, seq.prompt_ids, seq.output_ids, seq.generator)
-        self.cost.observe(len(tree) + 1, time.perf_counter() - start)
-        seq.cache.keep_path(len(tree) + 1, [0, *verdict.rows])
-        seq.logical_len += 1 + len(verdict.rows)
-        if len(tree):
-            promised = expected_accepted(tree) or 1e-6
-            ratio = min(len(verdict.rows) / promised, 2.0)
-            state.calibration += 0.2 * (ratio - state.calibration)
-        return verdict.tokens, len(tree), len(verdict.rows)
-
-    def propose(self, seq, state: LookaheadState) -> DraftTree:
         remaining = seq.request.max_tokens - len(seq.output_ids)
         budget = min(self.decoding_length, max(remaining - 1, 0), runner_room(seq))
         if budget <= 0:
             return DraftTree.empty()
-        context = seq.prompt_ids[-self.config.max_match :] if len(seq.output_ids) < self.config.max_match else []
-        context = context + seq.output_ids[-self.config.max_match :]
-        tree = draft(context, budget, self.config, state.prompt_trie, self.store)
-        if not len(tree) or not self.adaptive:
-            return tree
-        return tree.top(self.best_size(tree, state.calibration))
+        m = self.config.max_match
+        context = seq.output_ids[-m:]
+        if len(context) < m:
+            context = seq.prompt_ids[-(m - len(context)) :] + context
+        return draft(context, budget, self.config, state.prompt_trie, self.store)
 
-    def best_size(self, tree: DraftTree, calibration: float) -> int:
-        """Tree size maximising expected tokens per second: (1 + c * E[accepted | k]) / cost(k + 1)."""
-        curve = accepted_curve(tree)
-        c = max(calibration, 0.05)
-        rates = [(1.0 + c * curve[k]) / self.cost(k + 1) for k in range(len(curve))]
-        return max(range(len(rates)), key=rates.__getitem__)
+    def accept(self, seq, tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
+        """Verify the step's logits [N+1, V] against the tree, keep the accepted rows in the
+        cache, and return (new tokens, accepted draft tokens)."""
+        if seq.params.greedy and not seq.params.has_penalties:
+            verdict = verify_greedy(tree, logits)
+        else:
+            verdict = verify_sampling(tree, logits, seq.params, seq.prompt_ids, seq.output_ids, seq.generator)
+        seq.cache.keep_path(len(tree) + 1, [0, *verdict.rows])
+        seq.logical_len += 1 + len(verdict.rows)
+        if len(tree):
+            state: LookaheadState = seq.state["lookahead"]
+            promised = expected_accepted(tree) or 1e-6
+            ratio = min(len(verdict.rows) / promised, 2.0)
+            state.calibration += 0.2 * (ratio - state.calibration)
+        return verdict.tokens, len(verdict.rows)
+
+    def observe(self, rows: int, seconds: float) -> None:
+        if self.cost is not None:
+            self.cost.observe(rows, seconds)
 
 
 def runner_room(seq) -> int:
