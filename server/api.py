@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -11,6 +12,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from trieserve.decoding.sampling import SamplingParams
@@ -20,6 +22,7 @@ from trieserve.server.errors import (
     ModelNotFoundRequestError,
     ModelNotReadyError,
     QueueFullError,
+    RequestTimeoutError,
     TrieserveError,
     error_body,
 )
@@ -35,12 +38,28 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.server = state
     _install_error_handlers(app, state)
 
+    keys = state.settings.api_keys()
+    limit = state.settings.max_body_bytes
+
     @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        if request.url.path.startswith("/v1/"):
-            state.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+    async def guard(request: Request, call_next):
+        """Auth, body size and request counting, before any route runs."""
+        path = request.url.path
+        response = _check_auth(request, keys, state.settings.metrics_open) or await _check_size(request, limit)
+        if response is None:
+            response = await call_next(request)
+        if path.startswith("/v1/"):
+            endpoint = path if path in KNOWN_ENDPOINTS else "other"
+            state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         return response
+
+    if state.settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=state.settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
 
     @app.get("/health")
     async def health():
@@ -82,6 +101,37 @@ def create_app(state: ServerState) -> FastAPI:
         return await _respond(request, state, engine, body, gen, chat=True)
 
     return app
+
+
+KNOWN_ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models"}
+
+
+def _check_auth(request: Request, keys: list[str], metrics_open: bool) -> JSONResponse | None:
+    path = request.url.path
+    if not keys or not (path.startswith("/v1/") or (path == "/metrics" and not metrics_open)):
+        return None
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    given = token.strip().encode()
+    # compare against every key, always, in constant time per key
+    ok = scheme.lower() == "bearer" and sum(hmac.compare_digest(given, k.encode()) for k in keys) > 0
+    if ok:
+        return None
+    body = error_body("invalid or missing API key (send 'Authorization: Bearer KEY')", "authentication_error", None, "invalid_api_key")
+    return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+
+async def _check_size(request: Request, limit: int) -> JSONResponse | None:
+    if request.method != "POST":
+        return None
+    declared = request.headers.get("content-length")
+    too_big = declared is not None and declared.isdigit() and int(declared) > limit
+    if not too_big and declared is None:
+        too_big = len(await request.body()) > limit  # chunked upload: read (cached for the route)
+    if not too_big:
+        return None
+    body = error_body(f"request body larger than {limit} bytes", "invalid_request_error", None, "request_too_large")
+    return JSONResponse(body, status_code=413)
 
 
 # ---- request building ----------------------------------------------------------------------
@@ -162,10 +212,12 @@ async def _respond(request: Request, state, engine, body: SamplingFields, gen: G
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = _stream(events, seq, rid, created, state.model_name, chat, include_usage)
+        timeout = state.settings.request_timeout_s
+        stream = _stream(events, seq, rid, created, state.model_name, chat, include_usage, timeout)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     text: list[str] = []
+    deadline = loop.time() + state.settings.request_timeout_s
     try:
         while True:
             try:
@@ -174,6 +226,11 @@ async def _respond(request: Request, state, engine, body: SamplingFields, gen: G
                 if await request.is_disconnected():
                     seq.cancelled.set()
                     return Response(status_code=499)
+                if loop.time() > deadline:
+                    seq.cancelled.set()
+                    raise RequestTimeoutError(
+                        f"the request did not finish within {state.settings.request_timeout_s:g} s"
+                    ) from None
                 continue
             if isinstance(ev, Delta):
                 text.append(ev.text)
@@ -201,7 +258,7 @@ async def _respond(request: Request, state, engine, body: SamplingFields, gen: G
     }
 
 
-async def _stream(events, seq, rid, created, model, chat, include_usage) -> AsyncIterator[str]:
+async def _stream(events, seq, rid, created, model, chat, include_usage, timeout_s) -> AsyncIterator[str]:
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(delta_text: str | None, finish_reason: str | None, first: bool = False, **extra) -> str:
@@ -216,8 +273,12 @@ async def _stream(events, seq, rid, created, model, chat, include_usage) -> Asyn
     try:
         if chat:
             yield chunk("", None, first=True)
+        deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
-            ev = await events.get()
+            try:
+                ev = await asyncio.wait_for(events.get(), timeout=max(deadline - asyncio.get_running_loop().time(), 0))
+            except asyncio.TimeoutError:
+                ev = Failure(RequestTimeoutError(f"the request did not finish within {timeout_s:g} s"))
             if isinstance(ev, Delta):
                 if ev.text:
                     yield chunk(ev.text, None)

@@ -23,7 +23,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         help_text = f"{field.description or ''} [env {env}; default {default}]".strip()
         annotation = field.annotation
         origin = typing.get_origin(annotation)
-        if annotation is bool:
+        if origin is list:
+            parser.add_argument(flag, dest=name, nargs="*", default=None, metavar="ORIGIN", help=help_text)
+        elif annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif origin is typing.Literal:
             parser.add_argument(flag, dest=name, choices=typing.get_args(annotation), default=None, help=help_text)
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         settings = settings_from_args(args)
+        settings.api_keys()  # an unreadable key file is a start-up error, not a 500 later
     except ValueError as exc:
         print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2

@@ -37,6 +37,12 @@ class QueueFullError(TrieserveError):
     retry_after_s = 1
 
 
+class RequestTimeoutError(TrieserveError):
+    status_code = 408
+    error_type = "timeout_error"
+    code = "request_timeout"
+
+
 class ServerShuttingDownError(TrieserveError):
     status_code = 503
     error_type = "server_error"

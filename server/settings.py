@@ -28,6 +28,13 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # security and limits
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1/* and /metrics")
+    api_key_file: Path | None = Field(None, description="file with one API key per line (adds to --api-key)")
+    metrics_open: bool = Field(False, description="serve /metrics without a key even when keys are set")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    request_timeout_s: float = Field(600.0, gt=0, description="a request running longer is cancelled (408)")
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (off when empty)")
     # engine
     max_queue: int = Field(64, ge=1, description="requests waiting beyond this get 429")
     max_num_seqs: int = Field(8, ge=1, description="sequences decoding at once")
@@ -58,6 +65,16 @@ class Settings(BaseSettings):
         if v not in ("auto", "cpu") and not v.startswith("cuda"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {v!r}")
         return v
+
+    def api_keys(self) -> list[str]:
+        keys = [self.api_key] if self.api_key else []
+        if self.api_key_file is not None:
+            try:
+                lines = self.api_key_file.read_text().splitlines()
+            except OSError as exc:
+                raise ValueError(f"cannot read api_key_file {self.api_key_file}: {exc}") from None
+            keys += [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+        return keys
 
     def resolved_device(self) -> str:
         if self.device != "auto":

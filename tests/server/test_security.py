@@ -1,0 +1,57 @@
+"""API keys, body size limit and request timeout on a real server."""
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import LiveServer
+
+
+@pytest.fixture(scope="module")
+def locked(model_dir, tmp_path_factory):
+    keyfile = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keyfile.write_text("# team keys\nsecond-key\n")
+    srv = LiveServer(
+        "--api-key", "first-key", "--api-key-file", str(keyfile), "--max-body-bytes", "4096",
+        "--request-timeout-s", "2", "--no-lookahead",
+    ).wait_ready()
+    yield srv
+    srv.stop()
+
+
+def test_keys_protect_v1_and_metrics_but_not_health(locked):
+    assert httpx.get(locked.url + "/health").status_code == 200
+    for path in ("/v1/models", "/metrics"):
+        r = httpx.get(locked.url + path)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(locked.url + path, headers={"Authorization": "Bearer nope"}).status_code == 401
+    for key in ("first-key", "second-key"):
+        assert httpx.get(locked.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_sdk_with_and_without_key(locked):
+    good = openai.OpenAI(base_url=locked.url + "/v1", api_key="first-key", max_retries=0)
+    resp = good.completions.create(model="SmolLM2-135M-Instruct", prompt="Hello", max_tokens=2, temperature=0)
+    assert resp.usage.completion_tokens == 2
+    bad = openai.OpenAI(base_url=locked.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_large_body_gets_413(locked):
+    r = httpx.post(
+        locked.url + "/v1/completions", json={"prompt": "x" * 10_000}, headers={"Authorization": "Bearer first-key"}
+    )
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_request_timeout_cancels(locked):
+    body = {"prompt": "Tell me everything.", "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(locked.url + "/v1/completions", json=body, headers={"Authorization": "Bearer first-key"}, timeout=60)
+    assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
+    # the cancelled sequence is gone: the next request is served promptly
+    r = httpx.post(
+        locked.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "temperature": 0},
+        headers={"Authorization": "Bearer first-key"}, timeout=60,
+    )
+    assert r.status_code == 200
