@@ -120,7 +120,10 @@ class SnapKVPolicy(EvictionPolicy):
 class DefensivePolicy(SnapKVPolicy):
     """DefensiveKV ("Taming the Fragility of KV Cache Eviction in LLM Inference", Feng et al.,
     2025): max over window queries and group heads, floored at the head's mean (worst-case
-    instead of average importance); per-KV-head top-k."""
+    instead of average importance); per-KV-head top-k. Within one head the floor only ties the
+    rows below the mean (ties go to recent rows); it matters where heads or layers compete for
+    one budget (Layer-DefensiveKV). The published code also weights scores by value norms
+    (CriticalKV) and sizes budgets per head (AdaKV); neither is done here."""
 
     name: ClassVar[str] = "defensive"
     aggregation: ClassVar[str] = "defensive"

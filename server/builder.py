@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 
 from trieserve.decoding.draft import DraftConfig
-from trieserve.kernels.dispatch import set_backend
 from trieserve.decoding.trie import OutputStore
+from trieserve.kernels.dispatch import set_backend
 from trieserve.server.engine import Engine, EngineConfig
 from trieserve.server.model import load_model, resolve_model_path
 from trieserve.server.runner import ModelRunner

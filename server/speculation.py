@@ -40,25 +40,27 @@ class StepCost:
         self.alpha = alpha
 
     @classmethod
-    def measure(cls, runner, max_rows: int, prefix: int = 128, reps: int = 1) -> StepCost:
+    def measure(cls, runner, max_rows: int, prefix: int = 128, rounds: int = 3) -> StepCost:
+        """Time a forward of each ladder size on a scratch cache. Sizes are interleaved over
+        several rounds and the fastest run of each kept, so a burst of load from another process
+        distorts one sample, not the shape of the curve (decisions depend only on its shape)."""
         sizes = [s for s in COST_LADDER if s <= max_rows] or [1]
         if sizes[-1] < max_rows:
             sizes.append(max_rows)
         cache = runner.new_cache()
         runner.prefill(cache, [min(100 + i, runner.vocab_size - 1) for i in range(prefix)])
-        seconds = []
-        for n in sizes:
-            mask = torch.ones(n, n, dtype=torch.bool).tril_()
-            times = []
-            for _ in range(reps + 1):  # the first run of a shape warms caches: dropped
+        best = [float("inf")] * len(sizes)
+        for r in range(rounds + 1):  # round 0 warms every shape up and is not counted
+            for i, n in enumerate(sizes):
+                mask = torch.ones(n, n, dtype=torch.bool).tril_()
                 start = time.perf_counter()
                 runner.step(cache, torch.full((n,), 100), torch.arange(prefix, prefix + n), mask)
-                times.append(time.perf_counter() - start)
+                if r:
+                    best[i] = min(best[i], time.perf_counter() - start)
                 cache.truncate_new(n, 0)
-            seconds.append(sorted(times[1:])[len(times[1:]) // 2])
-        pairs = zip(sizes, seconds, strict=True)
+        pairs = zip(sizes, best, strict=True)
         log.info("forward cost by rows: %s", ", ".join(f"{n}:{s * 1e3:.1f}ms" for n, s in pairs))
-        return cls(sizes, _monotone(seconds))
+        return cls(sizes, _monotone(best))
 
     def __call__(self, rows: int) -> float:
         i = bisect.bisect_left(self.sizes, rows)
@@ -74,8 +76,10 @@ class StepCost:
 
     def observe(self, rows: int, seconds: float) -> None:
         i = min(bisect.bisect_left(self.sizes, rows), len(self.sizes) - 1)
-        # scale the observation to the ladder point so neighbouring sizes share what they learn
+        # scale the observation to the ladder point so neighbouring sizes share what they learn;
+        # clamp it so one step slowed by outside load moves the estimate only a little
         scaled = seconds * self(self.sizes[i]) / max(self(rows), 1e-9)
+        scaled = min(max(scaled, 0.5 * self.seconds[i]), 2.0 * self.seconds[i])
         self.seconds[i] += self.alpha * (scaled - self.seconds[i])
 
 

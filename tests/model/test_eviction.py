@@ -2,9 +2,9 @@
 logical positions, the full policy changes nothing, lookahead is lossless on an evicted cache."""
 
 import copy
+import pydoc_data.topics
 import queue
 
-import pydoc_data.topics
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,7 +58,7 @@ def test_full_policy_is_exactly_no_eviction(runner, text_ids, full):
     logits = runner.prefill(other, text_ids[0], eviction=Eviction(make_policy("full"), 0.3, W))
     assert torch.equal(logits, last)
     assert other.lengths() == cache.lengths() == [N] * runner.num_layers
-    assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) for a, b in zip(other.layers, cache.layers))
+    assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) for a, b in zip(other.layers, cache.layers, strict=True))
 
 
 @pytest.mark.parametrize("name", EVICTING)
