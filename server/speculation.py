@@ -141,23 +141,11 @@ class Speculator:
         trees = [self.draft_for(seq) if seq.lookahead else DraftTree.empty() for seq in seqs]
         if not self.adaptive or not any(len(t) for t in trees):
             return trees
-        gains = []  # (calibrated gain, sequence index), each tree's nodes in its own rank order
-        for b, (seq, tree) in enumerate(zip(seqs, trees, strict=True)):
-            if len(tree):
-                c = max(seq.state["lookahead"].calibration, 0.05)
-                curve = accepted_curve(tree)
-                gains += [(c * (curve[i + 1] - curve[i]), b) for i in range(len(tree))]
-        gains.sort(key=lambda g: -g[0])
-        base = len(seqs)
-        best_n, best_rate, total = 0, base / self.cost(base), 0.0
-        for n, (gain, _) in enumerate(gains, start=1):
-            total += gain
-            rate = (base + total) / self.cost(base + n)
-            if rate > best_rate:
-                best_n, best_rate = n, rate
-        keep = [0] * len(seqs)
-        for _, b in gains[:best_n]:
-            keep[b] += 1
+        curves = [
+            [c * g for g in _marginals(accepted_curve(t))] if len(t) else []
+            for t, c in zip(trees, (_calibration(s) for s in seqs), strict=True)
+        ]
+        keep = allocate(curves, self.cost)
         return [tree.top(k) for tree, k in zip(trees, keep, strict=True)]
 
     def draft_for(self, seq) -> DraftTree:
@@ -195,6 +183,34 @@ class Speculator:
     def observe(self, rows: int, seconds: float) -> None:
         if self.cost is not None:
             self.cost.observe(rows, seconds)
+
+
+def allocate(marginals: list[list[float]], cost) -> list[int]:
+    """Draft nodes to keep per sequence for one batched step. marginals[b][i]: expected extra
+    accepted tokens from sequence b's (i+1)-th best node (non-increasing); cost(rows): seconds
+    of a forward. Maximises (B + total gain) / cost(B + nodes): the best n nodes overall are
+    the n largest marginals, so only the total n is searched."""
+    base = len(marginals)
+    gains = sorted(((g, b) for b, m in enumerate(marginals) for g in m), key=lambda x: -x[0])
+    best_n, best_rate, total = 0, base / cost(base), 0.0
+    for n, (gain, _) in enumerate(gains, start=1):
+        total += gain
+        rate = (base + total) / cost(base + n)
+        if rate > best_rate:
+            best_n, best_rate = n, rate
+    keep = [0] * base
+    for _, b in gains[:best_n]:
+        keep[b] += 1
+    return keep
+
+
+def _marginals(curve: list[float]) -> list[float]:
+    return [curve[i + 1] - curve[i] for i in range(len(curve) - 1)]
+
+
+def _calibration(seq) -> float:
+    state = seq.state.get("lookahead")
+    return max(state.calibration, 0.05) if state is not None else 0.0
 
 
 def runner_room(seq) -> int:
