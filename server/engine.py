@@ -116,18 +116,19 @@ class Engine:
             self.running.append(seq)
 
     def _round(self) -> None:
-        """One batched decode step for every sequence past prefill, then one prefill for the
-        oldest waiting sequence (FIFO, so a long prompt is never starved)."""
+        """One batched decode step for every sequence past prefill, then one prefill chunk of the
+        oldest sequence still prefilling (FIFO, so a long prompt is never starved, and running
+        streams pause for at most one chunk)."""
         ready = []
         for seq in list(self.running):
             if seq.cancelled.is_set():
                 self._end(seq, "cancelled")
             elif self.fault_hook is None or self._guarded([seq], lambda ss: self.fault_hook(ss[0])):
                 ready.append(seq)
-        decoding = [s for s in ready if s.cache is not None]
+        decoding = [s for s in ready if s.prefilled and not s.done]
         if decoding:
             self._guarded(decoding, self._decode_batch)
-        prefilling = [s for s in ready if s.cache is None and not s.done]
+        prefilling = [s for s in ready if not s.prefilled and not s.done]
         if prefilling:
             self._guarded(prefilling[:1], lambda seqs: self._prefill(seqs[0]))
         for seq in ready:
@@ -161,10 +162,20 @@ class Engine:
             self.speculator.release(seq)
 
     def _prefill(self, seq: Sequence) -> None:
+        """One prefill chunk of the sequence's prompt; after the last, its first token."""
         start = time.perf_counter()
-        seq.generator = make_generator(seq.params.seed)
-        seq.cache = self.runner.new_cache()
-        logits = self.runner.prefill(seq.cache, seq.prompt_ids, eviction=self._eviction(seq))
+        if seq.cache is None:
+            seq.generator = make_generator(seq.params.seed)
+            seq.cache = self.runner.new_cache()
+            seq.state["prefill"] = self.runner.prefill_chunks(seq.cache, seq.prompt_ids, eviction=self._eviction(seq))
+        try:
+            next(seq.state["prefill"])
+            seq.stats.prefill_s += time.perf_counter() - start
+            return
+        except StopIteration as done:
+            logits = done.value
+        del seq.state["prefill"]
+        seq.prefilled = True
         seq.logical_len = len(seq.prompt_ids)
         seq.stats.forward_passes += 1
         seq.stats.kv_tokens_total = seq.logical_len
@@ -172,7 +183,7 @@ class Engine:
         if seq.lookahead:
             self.speculator.admit(seq)
         token = choose_token(logits, seq.params, seq.prompt_ids, seq.output_ids, seq.generator)
-        seq.stats.prefill_s = time.perf_counter() - start
+        seq.stats.prefill_s += time.perf_counter() - start
         seq.append([token])
         seq.pending_token = token
         seq.first_token_at = time.monotonic()

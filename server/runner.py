@@ -14,6 +14,8 @@ during an evicting prefill: each layer records its observation window's queries,
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -140,7 +142,25 @@ class ModelRunner:
         eviction: Eviction | None = None,
         trace: PrefillTrace | None = None,
     ) -> torch.Tensor:
-        """Run tokens[start:] (positions start..) through the model in chunks; logits [V] of the last.
+        """Run tokens[start:] (positions start..) through the model; logits [V] of the last."""
+        chunks = self.prefill_chunks(cache, token_ids, start, eviction, trace)
+        while True:
+            try:
+                next(chunks)
+            except StopIteration as done:
+                return done.value
+
+    def prefill_chunks(
+        self,
+        cache: KVCache,
+        token_ids: list[int],
+        start: int = 0,
+        eviction: Eviction | None = None,
+        trace: PrefillTrace | None = None,
+    ) -> Generator[int, None, torch.Tensor]:
+        """Prefill one chunk per `next()` (yielding the tokens done so far), so the engine can
+        interleave a long prompt with other sequences' decode steps; returns logits [V] of the
+        last token (StopIteration.value).
 
         With `eviction`, layers over budget are compacted after each chunk (every chunk holds at
         least the window), and after the last one every layer keeps the budget; positions stay
@@ -166,6 +186,8 @@ class ModelRunner:
                 )  # fmt: skip
                 if trace is not None:
                     trace.compactions += len(done)
+            if i < len(bounds) - 1:
+                yield hi
         assert logits is not None, "prefill needs at least one token"
         if trace is not None:
             trace.final_bytes = cache.nbytes()

@@ -129,6 +129,7 @@ class Sequence:
         self.cancelled = threading.Event()
         self.finish_reason: str | None = None
         self.cache = None  # the runner's KVCache, set at prefill
+        self.prefilled = False  # the whole prompt is in the cache and the first token chosen
         self.logical_len = 0  # tokens in the cache's logical positions (0..logical_len-1)
         self.pending_token: int | None = None  # chosen but not yet run through the model
         self.generator = None

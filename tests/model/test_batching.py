@@ -4,6 +4,7 @@ when it is served alone, whatever else is in the batch."""
 import inspect
 import json
 import threading
+import time
 
 import pytest
 from trieserve.decoding.sampling import SamplingParams
@@ -87,3 +88,37 @@ def test_cancel_mid_batch_leaves_others_unchanged(engine, tokenizer):
         assert c.done.wait(300)
     assert [c.tokens for c in collectors] == alone
     assert all(s.cache is None for s in seqs)
+
+
+def test_long_prompt_does_not_stall_running_streams(engine, tokenizer):
+    """With 64-token prefill chunks, a ~640-token prompt is prefilled in ~10 chunks between
+    decode steps: the running stream's longest pause is far below the whole prefill."""
+    long_ids = tokenizer.encode(inspect.getsource(json.JSONEncoder))[:640]
+    alone = Collector()
+    engine.submit(GenerationRequest(long_ids, 1, SamplingParams(temperature=0)), alone)
+    assert alone.done.wait(300)
+    full_prefill = alone.finish.stats["prefill_s"]
+
+    stamps: list[float] = []
+    streaming = Collector()
+
+    def on_event(ev):
+        if isinstance(ev, Delta):
+            stamps.append(time.monotonic())
+        streaming(ev)
+
+    running = engine.submit(
+        GenerationRequest(tokenizer.encode("Count: 1, 2, 3,"), 400, SamplingParams(temperature=0), ignore_eos=True), on_event
+    )
+    while len(stamps) < 5:
+        time.sleep(0.01)
+    late = Collector()
+    submitted = time.monotonic()
+    engine.submit(GenerationRequest(long_ids, 4, SamplingParams(temperature=0)), late)
+    assert late.done.wait(300)
+    finished = time.monotonic()
+    running.cancelled.set()
+    assert streaming.done.wait(60)
+    during = [b - a for a, b in zip(stamps, stamps[1:], strict=False) if submitted < b <= finished]
+    assert during, "the running stream produced no tokens while the long prompt was prefilled"
+    assert max(during) < full_prefill / 2, (max(during), full_prefill)
