@@ -1,0 +1,54 @@
+"""An exception inside one sequence's step fails that request only."""
+
+import threading
+
+from trieserve.decoding.sampling import SamplingParams
+from trieserve.server.builder import build_engine
+from trieserve.server.sequence import Delta, Failure, Finish, GenerationRequest
+from trieserve.server.settings import Settings
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.events: list = []
+        self.done = threading.Event()
+
+    def __call__(self, ev) -> None:
+        self.events.append(ev)
+        if isinstance(ev, Delta):
+            self.tokens += ev.token_ids
+        if isinstance(ev, (Finish, Failure)):
+            self.done.set()
+
+
+def test_injected_fault_fails_one_sequence_only(tokenizer):
+    engine, _ = build_engine(Settings(max_num_seqs=4, lookahead=False))
+    try:
+        prompts = [tokenizer.encode(t) for t in ("One, two,", "Red, green,", "Alpha, beta,")]
+        alone = []
+        for ids in prompts:
+            c = Collector()
+            engine.submit(GenerationRequest(ids, 12, SamplingParams(temperature=0), ignore_eos=True), c)
+            assert c.done.wait(120)
+            alone.append(c.tokens)
+
+        poisoned = prompts[1]
+
+        def hook(seq):
+            if seq.prompt_ids == poisoned and len(seq.output_ids) >= 3:
+                raise RuntimeError("injected fault")
+
+        engine.fault_hook = hook
+        collectors = [Collector() for _ in prompts]
+        for ids, c in zip(prompts, collectors, strict=True):
+            engine.submit(GenerationRequest(ids, 12, SamplingParams(temperature=0), ignore_eos=True), c)
+        for c in collectors:
+            assert c.done.wait(120)
+    finally:
+        engine.stop()
+    failure = collectors[1].events[-1]
+    assert isinstance(failure, Failure) and "injected fault" in str(failure.error)
+    assert collectors[0].tokens == alone[0] and collectors[2].tokens == alone[2]
+    assert isinstance(collectors[0].events[-1], Finish) and isinstance(collectors[2].events[-1], Finish)
+    assert not engine.running
