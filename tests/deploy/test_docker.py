@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from tests.deploy.deploy_support import DOCKER_DIR, REPO, Dockerfile
 
 DOCKERFILES = ["Dockerfile", "Dockerfile.cuda"]

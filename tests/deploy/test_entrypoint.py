@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from tests.deploy.deploy_support import Dockerfile
 
 pytestmark = pytest.mark.model

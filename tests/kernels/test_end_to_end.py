@@ -7,7 +7,6 @@ import queue
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
-
 from trieserve.decoding.draft import DraftConfig
 from trieserve.decoding.sampling import SamplingParams
 from trieserve.decoding.trie import OutputStore

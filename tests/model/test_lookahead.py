@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-
 from trieserve.decoding.sampling import SamplingParams
 from trieserve.server.builder import build_engine
 from trieserve.server.sequence import Delta, Failure, Finish, GenerationRequest

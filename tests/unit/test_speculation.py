@@ -1,7 +1,6 @@
 """The adaptive draft budget: cost interpolation and batch allocation (no model)."""
 
 import pytest
-
 from trieserve.server.speculation import StepCost, allocate
 
 
