@@ -112,7 +112,9 @@ class GrowableLayer(DynamicLayer):
         B, H, K = index.shape
         keys = torch.empty(B, H, K + reserve, self._k.shape[-1], dtype=self.dtype, device=self.device)
         values = torch.empty(B, H, K + reserve, self._v.shape[-1], dtype=self.dtype, device=self.device)
-        compact_kv(self.keys, self.values, index.to(self.device), out_k=keys[:, :, :K], out_v=values[:, :, :K])
+        compact_kv(
+            self.keys, self.values, index.to(self.device), out_k=keys[:, :, :K], out_v=values[:, :, :K]
+        )
         self.replace(keys, values)
         self.truncate(K)
         self.grow_by = max(reserve, MIN_CAPACITY)

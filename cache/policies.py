@@ -47,7 +47,9 @@ class EvictionPolicy:
     needs_queries: ClassVar[bool] = True  # scores need the window's queries
     global_budget: ClassVar[bool] = False  # budgets depend on every layer's scores at once
 
-    def score(self, q_win: torch.Tensor | None, keys: torch.Tensor, scaling: float, window: int) -> torch.Tensor:
+    def score(
+        self, q_win: torch.Tensor | None, keys: torch.Tensor, scaling: float, window: int
+    ) -> torch.Tensor:
         """q_win [B, Hq, W, D] (None when `needs_queries` is False), keys [B, Hkv, S, D] whose
         last W = `window` rows are the window's -> fp32 [B, Hkv, S - W]."""
         raise NotImplementedError
@@ -149,7 +151,9 @@ class LayerDefensivePolicy(DefensivePolicy):
         chosen = torch.zeros_like(flat, dtype=torch.bool)
         chosen[flat.topk(total).indices] = True
         counts = torch.stack([c.sum() for c in chosen.split([n * B * H for n in sizes])]).double() / (B * H)
-        return {layer: window + k for layer, k in zip(layers, _round_preserving_sum(counts, sizes), strict=True)}
+        return {
+            layer: window + k for layer, k in zip(layers, _round_preserving_sum(counts, sizes), strict=True)
+        }
 
 
 def _round_preserving_sum(values: torch.Tensor, caps: list[int]) -> list[int]:

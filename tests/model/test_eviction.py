@@ -11,11 +11,14 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from trieserve.cache.eviction import Eviction, PrefillTrace, WindowCapture, compress, eviction_for
 from trieserve.cache.policies import make_policy
+from trieserve.decoding.draft import DraftConfig
 from trieserve.decoding.sampling import SamplingParams
-from trieserve.server.builder import build_engine
+from trieserve.decoding.trie import OutputStore
+from trieserve.server.engine import Engine, EngineConfig
 from trieserve.server.runner import ATTENTION_NAME
 from trieserve.server.sequence import Delta, Failure, Finish, GenerationRequest
 from trieserve.server.settings import Settings
+from trieserve.server.speculation import Speculator, StepCost
 
 W = 32
 N = 224  # 3 prefill chunks of 64 (the runner fixture's) + one window: prefill splits it the same way
@@ -37,7 +40,9 @@ def full(runner, text_ids):
     cache = runner.new_cache()
     runner.prefill(cache, ids[:-W])
     capture = WindowCapture(W)
-    last = runner.forward(cache, torch.tensor(ids[-W:]), torch.arange(N - W, N), last_only=True, window_capture=capture)
+    last = runner.forward(
+        cache, torch.tensor(ids[-W:]), torch.arange(N - W, N), last_only=True, window_capture=capture
+    )
     ref = runner.forward(copy.deepcopy(cache), torch.tensor(cont), torch.arange(N, N + CONT))
     return cache, capture, last[-1], ref
 
@@ -58,7 +63,10 @@ def test_full_policy_is_exactly_no_eviction(runner, text_ids, full):
     logits = runner.prefill(other, text_ids[0], eviction=Eviction(make_policy("full"), 0.3, W))
     assert torch.equal(logits, last)
     assert other.lengths() == cache.lengths() == [N] * runner.num_layers
-    assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) for a, b in zip(other.layers, cache.layers, strict=True))
+    assert all(
+        torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        for a, b in zip(other.layers, cache.layers, strict=True)
+    )
 
 
 @pytest.mark.parametrize("name", EVICTING)
@@ -142,7 +150,9 @@ def test_layer_defensive_chunked_prefill_keeps_peak_memory_near_budget(runner, t
 
 def generate(engine, ids, max_tokens, lookahead):
     events: queue.Queue = queue.Queue()
-    request = GenerationRequest(ids, max_tokens, SamplingParams(temperature=0), lookahead=lookahead, ignore_eos=True)
+    request = GenerationRequest(
+        ids, max_tokens, SamplingParams(temperature=0), lookahead=lookahead, ignore_eos=True
+    )
     engine.submit(request, events.put)
     tokens = []
     while True:
@@ -155,14 +165,27 @@ def generate(engine, ids, max_tokens, lookahead):
             return tokens, ev
 
 
-def test_greedy_lookahead_on_an_evicted_cache_matches_plain_greedy(tokenizer):
-    # the full draft budget every step (no adaptive sizing): every step runs a real tree
-    settings = Settings(kv_policy="defensive", kv_budget=0.5, decoding_length=16, branch_length=6, adaptive_budget=False)
-    engine, _ = build_engine(settings)
+def test_greedy_lookahead_on_an_evicted_cache_matches_plain_greedy(runner, tokenizer, model_dir):
+    # the engine as the server builds it, on the session's runner; a fixed step cost and the full
+    # draft budget every step (no adaptive sizing), so every lookahead step runs a real tree
+    settings = Settings(
+        kv_policy="defensive", kv_budget=0.5, decoding_length=16, branch_length=6, adaptive_budget=False
+    )
+    config = EngineConfig(
+        kv_policy=settings.kv_policy, kv_budget=settings.kv_budget, kv_window=settings.kv_window
+    )
+    draft = DraftConfig(branch_length=settings.branch_length)
+    speculator = Speculator(
+        OutputStore(10_000, draft.ngram_len, tag="test"), draft, 16, StepCost([1], [1.0]), adaptive=False
+    )
+    engine = Engine(runner, tokenizer, config, speculator=speculator)
+    engine.start()
     try:
         code = pydoc_data.topics.topics["with"][:600]
         msgs = [{"role": "user", "content": f"Repeat this text exactly:\n\n{code}"}]
-        ids = tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+        ids = tokenizer.encode(
+            tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        )
         plain, fin_plain = generate(engine, ids, 24, lookahead=False)
         fast, fin_fast = generate(engine, ids, 24, lookahead=True)
     finally:

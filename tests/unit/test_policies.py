@@ -70,7 +70,15 @@ def test_defensive_and_mean_agree_when_heads_agree():
 
 @pytest.mark.parametrize(
     "budget, prompt, keep",
-    [(0.2, 1000, 200), (0.5, 301, 151), (1.0, 300, 300), (300, 1000, 300), (5000, 1000, 1000), (0.01, 1000, 32), (2.0, 1000, 32)],
+    [
+        (0.2, 1000, 200),
+        (0.5, 301, 151),
+        (1.0, 300, 300),
+        (300, 1000, 300),
+        (5000, 1000, 1000),
+        (0.01, 1000, 32),
+        (2.0, 1000, 32),
+    ],
 )
 def test_budget_is_a_fraction_or_a_token_count(budget, prompt, keep):
     assert Eviction(make_policy("snapkv"), budget, window=32).keep(prompt) == keep
@@ -135,9 +143,10 @@ def test_layer_defensive_global_budget_sums_to_the_uniform_total():
     assert sum(budgets.values()) == 4 * keep
     assert budgets[2] > keep > budgets[3] >= W
     plan = policy.plan(scores, keep, W)
-    assert sum(plan[layer].shape[-1] for layer in plan) + sum(
-        80 + W for layer in scores if layer not in plan
-    ) == 4 * keep
+    assert (
+        sum(plan[layer].shape[-1] for layer in plan) + sum(80 + W for layer in scores if layer not in plan)
+        == 4 * keep
+    )
     for layer, index in plan.items():
         check_index(index, 80 + W, budgets[layer], W)
 
