@@ -150,9 +150,10 @@ class Engine:
             return False
 
     def _end(self, seq: Sequence, reason: str | None = None) -> None:
-        seq.finish(reason)
+        # metrics first: a client that reads /metrics right after its last event sees itself
         if self.metrics is not None and reason is None:
             self.metrics.finished(seq, len(seq.prompt_ids), len(seq.output_ids))
+        seq.finish(reason)
         self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
