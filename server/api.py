@@ -218,19 +218,22 @@ async def _respond(request: Request, state, engine, body: SamplingFields, gen: G
 
     text: list[str] = []
     deadline = loop.time() + state.settings.request_timeout_s
+    next_poll = loop.time() + 0.25
     try:
         while True:
-            try:
-                ev = await asyncio.wait_for(events.get(), timeout=0.25)
-            except asyncio.TimeoutError:
+            # the deadline and the client's connection are checked however fast tokens arrive
+            now = loop.time()
+            if now >= deadline:
+                seq.cancelled.set()
+                raise RequestTimeoutError(f"the request did not finish within {state.settings.request_timeout_s:g} s")
+            if now >= next_poll:
+                next_poll = now + 0.25
                 if await request.is_disconnected():
                     seq.cancelled.set()
                     return Response(status_code=499)
-                if loop.time() > deadline:
-                    seq.cancelled.set()
-                    raise RequestTimeoutError(
-                        f"the request did not finish within {state.settings.request_timeout_s:g} s"
-                    ) from None
+            try:
+                ev = await asyncio.wait_for(events.get(), timeout=min(0.25, deadline - now))
+            except asyncio.TimeoutError:
                 continue
             if isinstance(ev, Delta):
                 text.append(ev.text)
