@@ -14,9 +14,13 @@ from dataclasses import dataclass
 import torch
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy (the limit of the distribution; as vLLM)
+LOGIT_BOUND = 1e30  # penalised logits are clamped here, so extreme penalties never overflow to inf
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling settings. `temperature == 0` means greedy."""
+    """Per-request sampling settings. A temperature below `GREEDY_BELOW` (0 included) means greedy."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -38,7 +42,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def has_penalties(self) -> bool:
@@ -59,7 +63,9 @@ def apply_penalties(
     logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int], output_ids: Sequence[int]
 ) -> torch.Tensor:
     """Repetition penalty (HF/CTRL style, over prompt + output) and OpenAI presence/frequency
-    penalties (over output only). logits: [V] fp32; returns a new tensor."""
+    penalties (over output only). logits: [V] fp32; returns a new tensor. Results are clamped to
+    +-LOGIT_BOUND: a tiny repetition penalty divides a logit past fp32's range, and inf logits
+    would make the distribution NaN."""
     if not params.has_penalties:
         return logits
     logits = logits.clone()
@@ -73,7 +79,7 @@ def apply_penalties(
     if output_ids and (params.presence_penalty != 0.0 or params.frequency_penalty != 0.0):
         ids, counts = torch.tensor(list(output_ids), dtype=torch.long).unique(return_counts=True)
         logits[ids] -= params.presence_penalty + params.frequency_penalty * counts.to(logits.dtype)
-    return logits
+    return logits.clamp_(-LOGIT_BOUND, LOGIT_BOUND)
 
 
 def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -26,7 +26,16 @@ from trieserve.server.errors import (
     TrieserveError,
     error_body,
 )
-from trieserve.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from trieserve.server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    Health,
+    ModelList,
+    SamplingFields,
+)
 from trieserve.server.sequence import Delta, Failure, Finish, GenerationRequest
 from trieserve.server.state import ServerState
 
@@ -61,25 +70,25 @@ def create_app(state: ServerState) -> FastAPI:
             allow_headers=["Authorization", "Content-Type"],
         )
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": Health}, 503: {"model": Health}})
     async def health():
         if state.engine is None:
             reason = state.load_error or "loading the model"
             return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **_errors(401)})
     async def metrics():
         return Response(state.metrics.render(state.engine), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": ModelList}, **_errors(401)})
     async def models():
         return {
             "object": "list",
             "data": [{"id": state.model_name, "object": "model", "created": state.started, "owned_by": "trieserve"}],
         }
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_generation_responses(CompletionResponse))
     async def completions(body: CompletionRequest, request: Request):
         engine = state.require_engine()
         _check_model(body, state)
@@ -87,7 +96,7 @@ def create_app(state: ServerState) -> FastAPI:
         gen = _generation_request(body, prompt_ids, body.max_tokens, state)
         return await _respond(request, state, engine, body, gen, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_generation_responses(ChatCompletionResponse))
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         engine = state.require_engine()
         _check_model(body, state)
@@ -100,7 +109,57 @@ def create_app(state: ServerState) -> FastAPI:
         gen = _generation_request(body, prompt_ids, max_tokens, state)
         return await _respond(request, state, engine, body, gen, chat=True)
 
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+# ---- the OpenAPI document: every status a client can get, with its body ----------------------
+_ERROR_DESCRIPTIONS = {
+    400: "invalid request (bad JSON, wrong types, values out of range, prompt too long)",
+    401: "missing or wrong API key (only when keys are configured)",
+    404: "unknown model name",
+    408: "the request did not finish within --request-timeout-s",
+    413: "request body larger than --max-body-bytes",
+    429: "the queue is full; retry after the Retry-After header's seconds",
+    503: "the model is not loaded (yet), or the server is shutting down",
+}
+
+
+SSE_EVENT = {
+    "type": "object",
+    "description": "one server-sent event: `data` holds a JSON chunk, an error object, or `[DONE]`",
+    "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+    "required": ["data"],
+}
+
+
+def _errors(*codes: int) -> dict:
+    return {c: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[c]} for c in codes}
+
+
+def _generation_responses(model) -> dict:
+    ok = {
+        "model": model,
+        "description": "the completion; with `stream: true`, server-sent events of chunks ending in `data: [DONE]`",
+        "content": {"text/event-stream": {"schema": SSE_EVENT}},
+    }
+    return {200: ok, **_errors(400, 401, 404, 408, 413, 429, 503)}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's document without its 422 entries: validation errors are answered with 400 here."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in doc.get("paths", {}).values():
+            for op in path.values():
+                op.get("responses", {}).pop("422", None)
+        schemas = doc.get("components", {}).get("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        app.openapi_schema = doc
+    return app.openapi_schema
 
 
 KNOWN_ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models"}

@@ -51,3 +51,26 @@ def test_seeded_draws_reproduce_and_follow_distribution():
 def test_invalid_params_raise(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def test_extreme_penalties_and_temperatures_give_a_valid_distribution():
+    """Values the API accepts must never produce inf/NaN probabilities (a 500 before this fix)."""
+    logits = torch.tensor([3.0, -2.0, 0.5, 7.0, -40.0])
+    prompt, output = [0, 3, 4], [3, 3, 2]
+    for params in (
+        SamplingParams(repetition_penalty=5e-324),
+        SamplingParams(repetition_penalty=100.0, presence_penalty=2.0, frequency_penalty=2.0),
+        SamplingParams(temperature=2e-5, repetition_penalty=1e-30),
+        SamplingParams(temperature=100.0, top_p=5e-324, top_k=1_000_000),
+    ):
+        probs = next_token_distribution(logits, params, prompt, output)
+        assert torch.isfinite(probs).all() and abs(float(probs.sum()) - 1.0) < 1e-5, params
+        token = choose_token(logits, params, prompt, output, make_generator(0))
+        assert probs[token] > 0
+
+
+def test_temperature_below_epsilon_is_greedy():
+    logits = torch.tensor([3.0, -2.0, 0.5, 7.0])
+    params = SamplingParams(temperature=1e-300)
+    assert params.greedy
+    assert choose_token(logits, params, [], [], make_generator(0)) == 3
