@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy (the limit of the distribution; as vLLM)
 LOGIT_BOUND = 1e30  # penalised logits are clamped here, so extreme penalties never overflow to inf
 

@@ -1,12 +1,11 @@
 """schemathesis against the live server's own /openapi.json: no 5xx, and every response
 (status code, content type, body) is one the document declares."""
 
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
-
-import pytest
 
 SMALL = 4  # generated requests ask for at most this many tokens, so the run stays short
 
