@@ -102,7 +102,12 @@ class Engine:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
-            self._round()
+            try:
+                self._round()
+            except Exception as exc:  # a bug outside any one sequence's step: fail the round's
+                # sequences loudly rather than let the worker die and every client hang
+                log.exception("engine round failed")
+                self._fail(list(self.running), exc)
         for seq in self.running + _drain(self.waiting):
             seq.finish("cancelled")
         self.running.clear()
@@ -116,8 +121,8 @@ class Engine:
             self.running.append(seq)
 
     def _round(self) -> None:
-        """One batched decode step for every sequence past prefill, then one prefill chunk of the
-        oldest sequence still prefilling (FIFO, so a long prompt is never starved, and running
+        """One batched decode step for every sequence past prefill, then one prefill forward led by
+        the oldest sequence still prefilling (FIFO, so a long prompt is never starved, and running
         streams pause for at most one chunk)."""
         ready = []
         for seq in list(self.running):
@@ -130,7 +135,7 @@ class Engine:
             self._guarded(decoding, self._decode_batch)
         prefilling = [s for s in ready if not s.prefilled and not s.done]
         if prefilling:
-            self._guarded(prefilling[:1], lambda seqs: self._prefill(seqs[0]))
+            self._prefill_round(prefilling)
         for seq in ready:
             if seq.done and seq in self.running:
                 self._end(seq)
@@ -142,12 +147,15 @@ class Engine:
             return True
         except Exception as exc:
             log.exception("step failed for %d sequence(s)", len(seqs))
-            for seq in seqs:
-                seq.finish_reason = seq.finish_reason or "error"
-                seq.cache = None
-                seq.emit(Failure(exc))
-                self._release(seq)
+            self._fail(seqs, exc)
             return False
+
+    def _fail(self, seqs: list[Sequence], exc: Exception) -> None:
+        for seq in seqs:
+            seq.finish_reason = seq.finish_reason or "error"
+            seq.cache = None
+            seq.emit(Failure(exc))
+            self._release(seq)
 
     def _end(self, seq: Sequence, reason: str | None = None) -> None:
         # metrics first: a client that reads /metrics right after its last event sees itself
@@ -162,13 +170,61 @@ class Engine:
         if self.speculator is not None:
             self.speculator.release(seq)
 
-    def _prefill(self, seq: Sequence) -> None:
-        """One prefill chunk of the sequence's prompt; after the last, its first token."""
+    def _prefill_round(self, prefilling: list[Sequence]) -> None:
+        """One prefill forward. The oldest prefilling sequence always advances (FIFO: a long
+        prompt is never starved). When it keeps its whole cache, the next ones that also do
+        join the same forward while the padded batch stays within one chunk of tokens, so a
+        burst of short prompts is prefilled together instead of one per round."""
+        prefilling = [s for s in prefilling if s.cache is not None or self._guarded([s], self._start_prefill)]
+        if not prefilling:
+            return
+        first = prefilling[0]
+        if "prefill" in first.state:  # an evicting prefill: its own chunked generator
+            self._guarded([first], lambda seqs: self._prefill_evicting(seqs[0]))
+            return
+        group, widest = [], 0
+        for seq in prefilling:
+            if "prefill" in seq.state:
+                continue
+            lo = seq.state["prefill_at"]
+            width = min(len(seq.prompt_ids) - lo, self.runner.prefill_chunk)
+            if group and (len(group) + 1) * max(widest, width) > self.runner.prefill_chunk:
+                break
+            group.append(seq)
+            widest = max(widest, width)
+        self._guarded(group, self._prefill_batch)
+
+    def _start_prefill(self, seqs: list[Sequence]) -> None:
+        (seq,) = seqs
+        seq.generator = make_generator(seq.params.seed)
+        seq.cache = self.runner.new_cache()
+        eviction = self._eviction(seq)
+        if eviction is not None and eviction.applies(len(seq.prompt_ids), 0):
+            seq.state["prefill"] = self.runner.prefill_chunks(seq.cache, seq.prompt_ids, eviction=eviction)
+        else:
+            seq.state["prefill_at"] = 0
+
+    def _prefill_batch(self, seqs: list[Sequence]) -> None:
+        """The next chunk of each sequence (no eviction) in one batched forward."""
         start = time.perf_counter()
-        if seq.cache is None:
-            seq.generator = make_generator(seq.params.seed)
-            seq.cache = self.runner.new_cache()
-            seq.state["prefill"] = self.runner.prefill_chunks(seq.cache, seq.prompt_ids, eviction=self._eviction(seq))
+        parts = []
+        for seq in seqs:
+            lo = seq.state["prefill_at"]
+            hi = min(len(seq.prompt_ids), lo + self.runner.prefill_chunk)
+            ids = torch.tensor(seq.prompt_ids[lo:hi], dtype=torch.long)
+            parts.append(StepRows(ids, torch.arange(lo, hi), None, logits_rows=slice(hi - lo - 1, hi - lo)))
+            seq.state["prefill_at"] = hi
+        logits = self.runner.step_batch([s.cache for s in seqs], parts)
+        elapsed = time.perf_counter() - start
+        for seq, rows in zip(seqs, logits, strict=True):
+            seq.stats.prefill_s += elapsed
+            if seq.state["prefill_at"] == len(seq.prompt_ids):
+                del seq.state["prefill_at"]
+                self._first_token(seq, rows[-1], time.perf_counter())
+
+    def _prefill_evicting(self, seq: Sequence) -> None:
+        """One chunk of an evicting prefill; after the last, its first token."""
+        start = time.perf_counter()
         try:
             next(seq.state["prefill"])
             seq.stats.prefill_s += time.perf_counter() - start
@@ -176,6 +232,9 @@ class Engine:
         except StopIteration as done:
             logits = done.value
         del seq.state["prefill"]
+        self._first_token(seq, logits, start)
+
+    def _first_token(self, seq: Sequence, logits: torch.Tensor, start: float) -> None:
         seq.prefilled = True
         seq.logical_len = len(seq.prompt_ids)
         seq.stats.forward_passes += 1

@@ -52,3 +52,34 @@ def test_injected_fault_fails_one_sequence_only(tokenizer):
     assert collectors[0].tokens == alone[0] and collectors[2].tokens == alone[2]
     assert isinstance(collectors[0].events[-1], Finish) and isinstance(collectors[2].events[-1], Finish)
     assert not engine.running
+
+
+def test_a_failing_round_fails_its_requests_and_the_engine_keeps_serving(tokenizer):
+    """A bug outside any one sequence's step (here: metrics that raise) must not kill the worker
+    thread and leave every client waiting forever."""
+
+    class BrokenMetrics:
+        broken = True
+
+        def __getattr__(self, name):
+            def record(*args, **kwargs):
+                if BrokenMetrics.broken and name == "finished":
+                    raise RuntimeError("metrics exploded")
+
+            return record
+
+    engine, _ = build_engine(Settings(lookahead=False), metrics=BrokenMetrics())
+    try:
+        ids = tokenizer.encode("One, two,")
+        first = Collector()
+        engine.submit(GenerationRequest(ids, 4, SamplingParams(temperature=0), ignore_eos=True), first)
+        assert first.done.wait(120)
+        assert isinstance(first.events[-1], Failure) and "metrics exploded" in str(first.events[-1].error)
+        BrokenMetrics.broken = False
+        second = Collector()
+        engine.submit(GenerationRequest(ids, 4, SamplingParams(temperature=0), ignore_eos=True), second)
+        assert second.done.wait(120)
+        assert isinstance(second.events[-1], Finish) and len(second.tokens) == 4
+        assert not engine.running
+    finally:
+        engine.stop()
