@@ -167,7 +167,7 @@ def test_soak_mixed_traffic(server):
     after = rss_mib(pid)
 
     counts = {}
-    for (kind, path, body, expect), (status, text) in zip(plan, results, strict=True):
+    for (kind, _path, body, expect), (status, text) in zip(plan, results, strict=True):
         counts[kind] = counts.get(kind, 0) + 1
         if kind in ("plain", "stream"):
             assert status == 200, (kind, body, status)
