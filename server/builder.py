@@ -55,5 +55,37 @@ def build_speculator(settings: Settings, runner: ModelRunner, model_tag: str) ->
         except (ValueError, OSError) as exc:
             log.error("ignoring the trie store at %s (%s); starting cold", path, exc)
     # measured now when lookahead is on by default; otherwise at the first request that asks for it
-    cost = StepCost.measure(runner, settings.decoding_length + 1) if settings.lookahead else None
-    return Speculator(store, config, settings.decoding_length, cost, trie_path=path, adaptive=settings.adaptive_budget)
+    cost_path = settings.cache_dir / "step-cost" / f"{_hardware_key(settings, runner, model_tag)}.json"
+    cost = StepCost.cached(runner, settings.decoding_length + 1, cost_path) if settings.lookahead else None
+    return Speculator(
+        store, config, settings.decoding_length, cost, trie_path=path, adaptive=settings.adaptive_budget, cost_path=cost_path
+    )
+
+
+def _hardware_key(settings: Settings, runner: ModelRunner, model_tag: str) -> str:
+    """What a forward's cost depends on: the model, its dtype, the device and how many threads
+    run it. A different machine, model or thread count gets its own measured ladder."""
+    import hashlib
+    import platform
+
+    import torch
+
+    device = runner.device
+    if device.type == "cuda":
+        hardware = torch.cuda.get_device_name(device)
+    else:
+        hardware = f"{platform.machine()}:{_cpu_model()}:{torch.get_num_threads()}threads"
+    key = f"{model_tag}|{runner.vocab_size}|{runner.num_layers}|{settings.dtype}|{hardware}|torch{torch.__version__}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor()

@@ -154,15 +154,15 @@ class Engine:
         for seq in seqs:
             seq.finish_reason = seq.finish_reason or "error"
             seq.cache = None
-            seq.emit(Failure(exc))
             self._release(seq)
+            seq.emit(Failure(exc))
 
     def _end(self, seq: Sequence, reason: str | None = None) -> None:
         # metrics first: a client that reads /metrics right after its last event sees itself
         if self.metrics is not None and reason is None:
             self.metrics.finished(seq, len(seq.prompt_ids), len(seq.output_ids))
+        self._release(seq)  # freed before the client hears it is done
         seq.finish(reason)
-        self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
         if seq in self.running:

@@ -62,6 +62,33 @@ class StepCost:
         log.info("forward cost by rows: %s", ", ".join(f"{n}:{s * 1e3:.1f}ms" for n, s in pairs))
         return cls(sizes, _monotone(best))
 
+    @classmethod
+    def cached(cls, runner, max_rows: int, path) -> StepCost:
+        """The ladder from `path` when it was measured for the same sizes, else measured now and
+        written there. Online updates keep correcting it either way; deleting the file (or a
+        new machine, model, dtype or thread count, which change the file's name) re-measures."""
+        import json
+
+        sizes = [s for s in COST_LADDER if s <= max_rows] or [1]
+        if sizes[-1] < max_rows:
+            sizes.append(max_rows)
+        try:
+            data = json.loads(path.read_text())
+            if data["sizes"] == sizes and len(data["seconds"]) == len(sizes):
+                log.info("forward cost ladder loaded from %s", path)
+                return cls(sizes, _monotone([float(x) for x in data["seconds"]]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        cost = cls.measure(runner, max_rows)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"sizes": cost.sizes, "seconds": cost.seconds}))
+            tmp.replace(path)
+        except OSError as exc:
+            log.warning("could not cache the forward cost ladder at %s: %s", path, exc)
+        return cost
+
     def __call__(self, rows: int) -> float:
         i = bisect.bisect_left(self.sizes, rows)
         if i < len(self.sizes) and self.sizes[i] == rows:
@@ -108,8 +135,10 @@ class Speculator:
         cost: StepCost | None,
         trie_path=None,
         adaptive: bool = True,
+        cost_path=None,
     ) -> None:
         self.store = store
+        self.cost_path = cost_path  # where the measured cost ladder is cached (None: not cached)
         self.config = config
         self.decoding_length = decoding_length
         self.cost = cost
@@ -137,7 +166,8 @@ class Speculator:
         marginal gain is its calibrated path probability, so the best plan for n extra rows is
         the n best nodes over all trees, and only the total n has to be searched."""
         if self.cost is None:  # lookahead off by default: measured when first asked for
-            self.cost = StepCost.measure(runner, self.decoding_length + 1)
+            rows = self.decoding_length + 1
+            self.cost = StepCost.cached(runner, rows, self.cost_path) if self.cost_path else StepCost.measure(runner, rows)
         trees = [self.draft_for(seq) if seq.lookahead else DraftTree.empty() for seq in seqs]
         if not self.adaptive or not any(len(t) for t in trees):
             return trees

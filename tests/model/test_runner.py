@@ -99,3 +99,22 @@ def test_cache_grows_in_place_and_truncates(runner, tokenizer):
         assert layer._k.data_ptr() == storage, "a decode step must write in place, not reallocate"
     cache.truncate_new(1, 0)
     assert cache.lengths() == [len(ids)] * runner.num_layers
+
+
+def test_cost_ladder_is_measured_once_then_loaded(runner, tmp_path, monkeypatch):
+    from trieserve.server.speculation import StepCost
+
+    path = tmp_path / "ladder.json"
+    first = StepCost.cached(runner, 4, path)
+    assert path.exists() and first.sizes == [1, 2, 4] and all(s > 0 for s in first.seconds)
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again although a cached ladder exists")
+
+    monkeypatch.setattr(StepCost, "measure", no_measuring)
+    again = StepCost.cached(runner, 4, path)
+    assert again.sizes == first.sizes and again.seconds == pytest.approx(first.seconds)
+    # a ladder for other sizes (another --decoding-length) is not reused
+    monkeypatch.undo()
+    other = StepCost.cached(runner, 2, path)
+    assert other.sizes == [1, 2]

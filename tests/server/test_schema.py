@@ -17,8 +17,7 @@ def cap_tokens(body) -> None:
         return
     for field in ("max_tokens", "max_completion_tokens"):
         value = body.get(field)
-        number = type(value) in (int, float) and value == value and abs(value) != float("inf")
-        if value is None or (number and value > SMALL and value == int(value)):
+        if value is None or (type(value) is int and value > SMALL):
             body[field] = SMALL
 
 
@@ -36,7 +35,7 @@ def test_openapi_conformance(server, mode):
             continue  # no parameters and no body: nothing to make invalid
 
         @given(case=op.as_strategy(generation_mode=mode))
-        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
+        @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
         def check(case):
             cap_tokens(case.body)
             # positive_data_acceptance is left out: the schema cannot express limits that depend on

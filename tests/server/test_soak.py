@@ -17,7 +17,7 @@ import httpx
 
 MAX_TOKENS = 4
 CONCURRENCY = 8
-REQUESTS = 300
+REQUESTS = 240
 RSS_MARGIN_MIB = 64  # allocator noise on a ~1 GiB process; a leak of one KV cache per request is far more
 
 PROMPTS = [
