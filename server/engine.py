@@ -268,7 +268,8 @@ class Engine:
         forward_start = time.perf_counter()
         logits = self.runner.step_batch([s.cache for s in seqs], parts)
         if speculating:
-            self.speculator.observe(sum(len(t) + 1 for t in trees), time.perf_counter() - forward_start)
+            # the padded batch computes B rows per tree row (see allocate)
+            self.speculator.observe(len(trees) * max(len(t) + 1 for t in trees), time.perf_counter() - forward_start)
         for seq, tree, rows in zip(seqs, trees, logits, strict=True):
             if seq.lookahead:
                 tokens, accepted = self.speculator.accept(seq, tree, rows)

@@ -7,7 +7,10 @@ token, and keep only those rows in the cache.
 The budget needs two estimates. Cost: seconds of a forward with n rows, measured at start-up
 for a ladder of sizes and refined online from every step. Gain: the drafter's per-node path
 probabilities (from trie counts), scaled by a per-sequence calibration factor that tracks how
-many tokens were really accepted against how many the counts promised. With nothing worth
+many tokens were really accepted against how many the counts promised. A new sequence starts
+from the server-wide calibration (the same average over every sequence's steps, floored at
+PRIOR_FLOOR), so a workload where drafts keep failing stops paying for them from a request's
+first steps, while a copy-heavy request can still earn its own calibration back. With nothing worth
 drafting the step is a plain one-row forward, so the worst case is plain decoding plus the
 (millisecond) drafting cost.
 """
@@ -28,6 +31,7 @@ from trieserve.decoding.verify import verify_greedy, verify_sampling
 log = logging.getLogger(__name__)
 
 COST_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+PRIOR_FLOOR = 0.5  # a new sequence trusts the trie counts at least this much
 
 
 class StepCost:
@@ -138,6 +142,7 @@ class Speculator:
         cost_path=None,
     ) -> None:
         self.store = store
+        self.prior = 1.0  # server-wide accepted / promised: a new sequence's starting calibration
         self.cost_path = cost_path  # where the measured cost ladder is cached (None: not cached)
         self.config = config
         self.decoding_length = decoding_length
@@ -147,7 +152,9 @@ class Speculator:
 
     # -- lifecycle of a sequence ---------------------------------------------------------------
     def admit(self, seq) -> None:
-        seq.state["lookahead"] = LookaheadState(PromptTrie(seq.prompt_ids, ngram_len=self.config.ngram_len))
+        trie = PromptTrie(seq.prompt_ids, ngram_len=self.config.ngram_len)
+        # never below PRIOR_FLOOR: a sequence that never drafts never learns that it could
+        seq.state["lookahead"] = LookaheadState(trie, calibration=max(self.prior, PRIOR_FLOOR))
 
     def release(self, seq) -> None:
         state = seq.state.pop("lookahead", None)
@@ -208,6 +215,7 @@ class Speculator:
             promised = expected_accepted(tree) or 1e-6
             ratio = min(len(verdict.rows) / promised, 2.0)
             state.calibration += 0.2 * (ratio - state.calibration)
+            self.prior += 0.05 * (ratio - self.prior)
         return verdict.tokens, len(verdict.rows)
 
     def observe(self, rows: int, seconds: float) -> None:
@@ -218,20 +226,22 @@ class Speculator:
 def allocate(marginals: list[list[float]], cost) -> list[int]:
     """Draft nodes to keep per sequence for one batched step. marginals[b][i]: expected extra
     accepted tokens from sequence b's (i+1)-th best node (non-increasing); cost(rows): seconds
-    of a forward. Maximises (B + total gain) / cost(B + nodes): the best n nodes overall are
-    the n largest marginals, so only the total n is searched."""
+    of a forward over that many rows.
+
+    A batched step is a padded [B, 1 + k] batch (server/batch.py): its linear layers, nearly
+    all the compute, run over B * (1 + k) rows where k is the largest tree in the step, so a
+    tree for one sequence costs a row for every sequence. Every sequence therefore keeps up to
+    the same k nodes, and k maximises (B + sum of kept marginals) / cost(B * (1 + k)); k = 0
+    (no draft) is always a candidate. With one sequence this is the single-request budget."""
     base = len(marginals)
-    gains = sorted(((g, b) for b, m in enumerate(marginals) for g in m), key=lambda x: -x[0])
-    best_n, best_rate, total = 0, base / cost(base), 0.0
-    for n, (gain, _) in enumerate(gains, start=1):
-        total += gain
-        rate = (base + total) / cost(base + n)
+    best_k, best_rate = 0, base / cost(base)
+    total = 0.0
+    for k in range(1, max((len(m) for m in marginals), default=0) + 1):
+        total += sum(m[k - 1] for m in marginals if len(m) >= k)
+        rate = (base + total) / cost(base * (1 + k))
         if rate > best_rate:
-            best_n, best_rate = n, rate
-    keep = [0] * base
-    for _, b in gains[:best_n]:
-        keep[b] += 1
-    return keep
+            best_k, best_rate = k, rate
+    return [min(best_k, len(m)) for m in marginals]
 
 
 def _marginals(curve: list[float]) -> list[float]:
