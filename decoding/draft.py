@@ -46,6 +46,7 @@ class DraftConfig:
 
 # (weight, token, prompt child, output child)
 _Candidate = tuple[int, int, TrieNode | None, TrieNode | None]
+OUTPUT_PRIOR = 1.0  # pseudo-count of "something else" beside the output store's continuations
 
 
 def _count_of(item: tuple[int, TrieNode]) -> int:
@@ -74,7 +75,9 @@ def _ranked_children(p: TrieNode | None, o: TrieNode | None, k: int) -> tuple[li
         return [(c.count, t, c, None) for t, c in _top(pc, k)], sum(c.count for c in pc.values())
     o_total = sum(c.count for c in oc.values())
     if not pc:
-        return [(c.count, t, None, c) for t, c in _top(oc, k)], o_total
+        # the output store pools other requests' text: a continuation seen once is evidence,
+        # not certainty, so OUTPUT_PRIOR unseen counts stand for "the model goes elsewhere"
+        return [(c.count, t, None, c) for t, c in _top(oc, k)], o_total + OUTPUT_PRIOR
     scale = o_total + 1
     items = []
     for t, c in pc.items():
