@@ -282,18 +282,7 @@ class OutputStore(_Trie):
             blobs.append(arr.tobytes())
         body = b"".join(blobs)
         body += struct.pack("<I", zlib.crc32(body))
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".trie-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomically(path, body)
 
     def load(self, path: str | os.PathLike) -> None:
         """Replace the contents with a saved store. ValueError when the file is corrupt or was
@@ -387,3 +376,20 @@ def _rebuild(toks: array.array, counts: array.array, nkids: array.array, ngram_l
     if any(left):
         raise ValueError(f"{path}: tree ends early")
     return root
+
+
+def write_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so a reader (or a crash) sees the old file or the new one, never a
+    torn one: a unique temporary file in the same folder, fsync, then os.replace."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

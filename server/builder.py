@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import platform
 
 from trieserve.decoding.draft import DraftConfig
 from trieserve.decoding.trie import OutputStore
@@ -65,9 +67,6 @@ def build_speculator(settings: Settings, runner: ModelRunner, model_tag: str) ->
 def _hardware_key(settings: Settings, runner: ModelRunner, model_tag: str) -> str:
     """What a forward's cost depends on: the model, its dtype, the device and how many threads
     run it. A different machine, model or thread count gets its own measured ladder."""
-    import hashlib
-    import platform
-
     import torch
 
     device = runner.device
@@ -86,6 +85,4 @@ def _cpu_model() -> str:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
-
     return platform.processor()

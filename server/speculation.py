@@ -18,6 +18,7 @@ drafting the step is a plain one-row forward, so the worst case is plain decodin
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from trieserve.decoding.draft import DraftConfig, accepted_curve, draft, expected_accepted
 from trieserve.decoding.tree import DraftTree
-from trieserve.decoding.trie import OutputStore, PromptTrie
+from trieserve.decoding.trie import OutputStore, PromptTrie, write_atomically
 from trieserve.decoding.verify import verify_greedy, verify_sampling
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,7 @@ class StepCost:
         """Time a forward of each ladder size on a scratch cache. Sizes are interleaved over
         several rounds and the fastest run of each kept, so a burst of load from another process
         distorts one sample, not the shape of the curve (decisions depend only on its shape)."""
-        sizes = [s for s in COST_LADDER if s <= max_rows] or [1]
-        if sizes[-1] < max_rows:
-            sizes.append(max_rows)
+        sizes = _ladder(max_rows)
         cache = runner.new_cache()
         runner.prefill(cache, [min(100 + i, runner.vocab_size - 1) for i in range(prefix)])
         best = [float("inf")] * len(sizes)
@@ -71,11 +70,7 @@ class StepCost:
         """The ladder from `path` when it was measured for the same sizes, else measured now and
         written there. Online updates keep correcting it either way; deleting the file (or a
         new machine, model, dtype or thread count, which change the file's name) re-measures."""
-        import json
-
-        sizes = [s for s in COST_LADDER if s <= max_rows] or [1]
-        if sizes[-1] < max_rows:
-            sizes.append(max_rows)
+        sizes = _ladder(max_rows)
         try:
             data = json.loads(path.read_text())
             if data["sizes"] == sizes and len(data["seconds"]) == len(sizes):
@@ -86,9 +81,7 @@ class StepCost:
         cost = cls.measure(runner, max_rows)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"sizes": cost.sizes, "seconds": cost.seconds}))
-            tmp.replace(path)
+            write_atomically(path, json.dumps({"sizes": cost.sizes, "seconds": cost.seconds}).encode())
         except OSError as exc:
             log.warning("could not cache the forward cost ladder at %s: %s", path, exc)
         return cost
@@ -242,6 +235,14 @@ def allocate(marginals: list[list[float]], cost) -> list[int]:
         if rate > best_rate:
             best_k, best_rate = k, rate
     return [min(best_k, len(m)) for m in marginals]
+
+
+def _ladder(max_rows: int) -> list[int]:
+    """The row counts a cost ladder is measured at: COST_LADDER up to max_rows, plus max_rows."""
+    sizes = [s for s in COST_LADDER if s <= max_rows] or [1]
+    if sizes[-1] < max_rows:
+        sizes.append(max_rows)
+    return sizes
 
 
 def _marginals(curve: list[float]) -> list[float]:

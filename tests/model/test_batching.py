@@ -122,3 +122,25 @@ def test_long_prompt_does_not_stall_running_streams(engine, tokenizer):
     during = [b - a for a, b in zip(stamps, stamps[1:], strict=False) if submitted < b <= finished]
     assert during, "the running stream produced no tokens while the long prompt was prefilled"
     assert max(during) < full_prefill / 2, (max(during), full_prefill)
+
+
+def test_short_prompts_waiting_together_are_prefilled_in_one_round(runner, tokenizer):
+    """Three short prompts (under one 64-token chunk together) all get their first token in the
+    first round; a prompt longer than a chunk still advances one chunk per round."""
+    from trieserve.server.engine import Engine, EngineConfig
+
+    engine = Engine(runner, tokenizer, EngineConfig(max_num_seqs=4, lookahead=False))  # not started: rounds by hand
+    short = [tokenizer.encode(t) for t in ("One, two,", "Red, green,", "Alpha, beta,")]
+    long = tokenizer.encode(inspect.getsource(json.dumps))[:150]  # 3 chunks of 64
+    seqs = [engine.submit(GenerationRequest(ids, 4, SamplingParams(temperature=0)), lambda ev: None) for ids in short]
+    engine._admit()
+    engine._round()
+    assert all(s.prefilled and len(s.output_ids) == 1 for s in seqs)
+
+    slow = engine.submit(GenerationRequest(long, 4, SamplingParams(temperature=0)), lambda ev: None)
+    engine._admit()
+    rounds = 0
+    while not slow.prefilled:
+        engine._round()
+        rounds += 1
+    assert rounds == 3

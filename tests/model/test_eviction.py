@@ -166,8 +166,9 @@ def generate(engine, ids, max_tokens, lookahead):
 
 
 def test_greedy_lookahead_on_an_evicted_cache_matches_plain_greedy(runner, tokenizer, model_dir):
-    # the engine as the server builds it, on the session's runner; a fixed step cost and the full
-    # draft budget every step (no adaptive sizing), so every lookahead step runs a real tree
+    # an engine with the server's eviction settings on the session's runner (no second model
+    # load); a fixed step cost and the full draft budget every step (no adaptive sizing), so
+    # every lookahead step runs a real tree
     settings = Settings(
         kv_policy="defensive", kv_budget=0.5, decoding_length=16, branch_length=6, adaptive_budget=False
     )

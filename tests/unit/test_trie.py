@@ -176,6 +176,30 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.count([1, 2, 3]) == store.count([1, 2, 3]) + 1
 
 
+def test_a_save_that_fails_midway_leaves_the_old_file_intact(tmp_path, monkeypatch):
+    """A crash between writing and renaming (here: os.replace raising) must not corrupt the
+    store's file nor leave a temporary file behind."""
+    import trieserve.decoding.trie as trie_module
+
+    old = OutputStore(capacity=1000, ngram_len=4, tag="t")
+    old.insert([1, 2, 3, 4, 5])
+    path = tmp_path / "store.bin"
+    old.save(path)
+    before = path.read_bytes()
+    new = OutputStore(capacity=1000, ngram_len=4, tag="t")
+    new.insert([9, 8, 7, 6, 5, 4])
+
+    def crash(*args):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(trie_module.os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        new.save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["store.bin"]
+    assert dump(OutputStore.from_file(path, capacity=1000, ngram_len=4, tag="t").root) == dump(old.root)
+
+
 def test_load_prunes_an_oversized_file(tmp_path):
     big = OutputStore(capacity=20_000, ngram_len=4)
     rnd = random.Random(5)
