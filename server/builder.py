@@ -28,7 +28,7 @@ def build_engine(settings: Settings, metrics=None):
     torch.manual_seed(0)
     set_backend(settings.kernels)
     model, tokenizer = load_model(path, settings.dtype, device)
-    runner = ModelRunner(model, prefill_chunk=settings.prefill_chunk)
+    runner = ModelRunner(model, prefill_chunk=settings.prefill_chunk, skinny_rows=settings.skinny_rows)
     config = EngineConfig(
         max_queue=settings.max_queue,
         max_num_seqs=settings.max_num_seqs,
@@ -65,8 +65,8 @@ def build_speculator(settings: Settings, runner: ModelRunner, model_tag: str) ->
 
 
 def _hardware_key(settings: Settings, runner: ModelRunner, model_tag: str) -> str:
-    """What a forward's cost depends on: the model, its dtype, the device and how many threads
-    run it. A different machine, model or thread count gets its own measured ladder."""
+    """What a forward's cost depends on: the model, its dtype, the device, how many threads
+    run it and the CPU matmul route (`skinny_rows`). A different machine, model or thread count gets its own measured ladder."""
     import torch
 
     device = runner.device
@@ -75,6 +75,7 @@ def _hardware_key(settings: Settings, runner: ModelRunner, model_tag: str) -> st
     else:
         hardware = f"{platform.machine()}:{_cpu_model()}:{torch.get_num_threads()}threads"
     key = f"{model_tag}|{runner.vocab_size}|{runner.num_layers}|{settings.dtype}|{hardware}|torch{torch.__version__}"
+    key += f"|skinny{runner.skinny_rows}"
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

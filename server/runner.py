@@ -31,6 +31,7 @@ from trieserve.cache.kv import KVCache
 from trieserve.kernels.dispatch import use_triton
 from trieserve.kernels.tree_attention import attention_forward as kernel_attention_forward
 from trieserve.kernels.tree_attention import pack_ancestor_mask
+from trieserve.server import matmul
 from trieserve.server.batch import BatchCache, StepRows, pad_rows
 
 ATTENTION_NAME = "trieserve"
@@ -91,8 +92,9 @@ AttentionInterface.register(ATTENTION_NAME, tree_sdpa_attention)
 class ModelRunner:
     """Wraps a HF causal LM: prefill and (tree) steps into a per-sequence KVCache."""
 
-    def __init__(self, model, prefill_chunk: int = 512) -> None:
+    def __init__(self, model, prefill_chunk: int = 512, skinny_rows: int = matmul.MAX_ROWS) -> None:
         model.set_attn_implementation(ATTENTION_NAME)
+        self.skinny_rows = skinny_rows if matmul.install(model, skinny_rows) else 0
         self.model = model
         self.config = model.config
         self.device = next(model.parameters()).device

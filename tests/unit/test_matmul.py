@@ -1,0 +1,53 @@
+"""The CPU skinny matmul: same products as F.linear, switched in and out in place."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from trieserve.server import matmul
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 24), (2, 24), (5, 24), (9, 24), (10, 24), (3, 4, 24), (1, 7, 24), (0, 24)])
+def test_skinny_linear_equals_f_linear(shape, bias):
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 40, bias=bias)
+    x = torch.randn(*shape)
+    expected = F.linear(x, layer.weight, layer.bias)
+    matmul.install(layer, max_rows=9)
+    assert type(layer) is matmul.SkinnyLinear
+    out = layer(x)
+    assert out.shape == expected.shape
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_install_switches_only_plain_linears_and_keeps_tied_weights():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, 16)
+            self.proj = nn.Linear(16, 16)
+            self.head = nn.Linear(16, 50, bias=False)
+            self.head.weight = self.embed.weight  # tied, as in SmolLM2
+
+    model = Tiny()
+    assert matmul.install(model, max_rows=4) == 2
+    assert type(model.proj) is matmul.SkinnyLinear and model.head.max_rows == 4
+    assert model.head.weight is model.embed.weight
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(model.head(x), x @ model.embed.weight.T, atol=1e-5, rtol=1e-5)
+    assert matmul.install(model, max_rows=6) == 2  # already switched: the limit is updated
+    assert model.proj.max_rows == 6
+    assert matmul.uninstall(model) == 2
+    assert type(model.proj) is nn.Linear and type(model.head) is nn.Linear
+
+
+def test_install_leaves_non_cpu_models_and_zero_rows_alone():
+    model = nn.Sequential(nn.Linear(4, 4))
+    assert matmul.install(model, max_rows=0) == 0
+    assert matmul.install(model, max_rows=1) == 0
+    assert type(model[0]) is nn.Linear
+    meta = nn.Sequential(nn.Linear(4, 4, device="meta"))
+    assert matmul.install(meta) == 0
+    assert type(meta[0]) is nn.Linear
