@@ -9,6 +9,9 @@ noise hits every method alike:
 
     hf_greedy   HF `generate` greedy, a separately loaded model with default (SDPA) attention
     hf_pld      HF `generate(prompt_lookup_num_tokens=10)`, the built-in prompt-lookup peer
+    hf_pld_skinny  the same, with trieserve's CPU skinny matmul switched into HF's model for the
+                run (server/matmul.py): what the peer gains from that change alone. Not in the
+                default set; ask for it with --methods.
     ts_greedy   trieserve engine, plain greedy (lookahead off)
     ts_cold     trieserve lookahead, the shared output trie empty (only the prompt to copy from)
     ts_warm     trieserve lookahead, the output trie first warmed with the other prompts of the
@@ -55,16 +58,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prompts import WORKLOADS, Prompt, build_workload, encode_chat  # noqa: E402
 from trieserve.decoding.sampling import SamplingParams  # noqa: E402
 from trieserve.decoding.trie import OutputStore  # noqa: E402
+from trieserve.server import matmul  # noqa: E402
 from trieserve.server.builder import build_engine  # noqa: E402
 from trieserve.server.model import resolve_model_path  # noqa: E402
 from trieserve.server.sequence import Delta, Failure, Finish, GenerationRequest  # noqa: E402
 from trieserve.server.settings import Settings  # noqa: E402
 
-METHODS = ("hf_greedy", "hf_pld", "ts_greedy", "ts_cold", "ts_warm")
+METHODS = ("hf_greedy", "hf_pld", "hf_pld_skinny", "ts_greedy", "ts_cold", "ts_warm")
+DEFAULT_METHODS = ("hf_greedy", "hf_pld", "ts_greedy", "ts_cold", "ts_warm")
 TS_METHODS = ("ts_greedy", "ts_cold", "ts_warm")
 LABELS = {
     "hf_greedy": "HF greedy",
     "hf_pld": "HF prompt lookup (10)",
+    "hf_pld_skinny": "HF prompt lookup (10), skinny matmul",
     "ts_greedy": "trieserve greedy",
     "ts_cold": "trieserve lookahead, cold trie",
     "ts_warm": "trieserve lookahead, warm trie",
@@ -137,21 +143,27 @@ class HFRunner:
 
     @torch.inference_mode()
     def generate(
-        self, ids: list[int], pld: bool, max_new_tokens: int | None = None
+        self, ids: list[int], pld: bool, max_new_tokens: int | None = None, skinny: bool = False
     ) -> tuple[list[int], float, int]:
-        """Returns (new token ids, seconds, forward calls)."""
+        """Returns (new token ids, seconds, forward calls). `skinny`: run with trieserve's CPU
+        skinny matmul switched in (and out again afterwards)."""
         x = torch.tensor([ids])
         extra = {"prompt_lookup_num_tokens": PLD_TOKENS} if pld else {}
         self.calls = 0
-        start = time.perf_counter()
-        out = self.model.generate(
-            x,
-            attention_mask=torch.ones_like(x),
-            max_new_tokens=max_new_tokens or self.max_new_tokens,
-            do_sample=False,
-            **extra,
-        )
-        seconds = time.perf_counter() - start
+        if skinny:
+            matmul.install(self.model)
+        try:
+            start = time.perf_counter()
+            out = self.model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=max_new_tokens or self.max_new_tokens,
+                do_sample=False,
+                **extra,
+            )
+            seconds = time.perf_counter() - start
+        finally:
+            matmul.uninstall(self.model)
         return out[0, len(ids) :].tolist(), seconds, self.calls
 
 
@@ -236,7 +248,7 @@ def measure(
     gc.collect()
     torch.manual_seed(seed)
     if method.startswith("hf_"):
-        tokens, seconds, forwards = hf.generate(ids, pld=method == "hf_pld")
+        tokens, seconds, forwards = hf.generate(ids, pld=method != "hf_greedy", skinny=method == "hf_pld_skinny")
         return Run(prompt.workload, index, method, len(ids), tokens, seconds, forwards)
     tokens, seconds, stats = ts.generate(ids, lookahead=method != "ts_greedy")
     return Run(
@@ -256,6 +268,7 @@ def warm_up(hf: HFRunner, ts: EngineRunner, ids: list[int]) -> None:
     """One short unmeasured run per method so no method pays first-call costs."""
     hf.generate(ids, pld=False, max_new_tokens=16)
     hf.generate(ids, pld=True, max_new_tokens=16)
+    hf.generate(ids, pld=True, max_new_tokens=16, skinny=True)
     ts.generate(ids, lookahead=False, max_new_tokens=16)
     ts.generate(ids, lookahead=True, max_new_tokens=16)
 
@@ -364,7 +377,7 @@ def method_table(runs: list[Run], workload: str | None, methods: list[str]) -> l
 
 
 def summary_table(runs: list[Run], workloads: list[str], methods: list[str]) -> list[str]:
-    shown = [m for m in ("hf_pld", "ts_greedy", "ts_cold", "ts_warm") if m in methods]
+    shown = [m for m in ("hf_pld", "hf_pld_skinny", "ts_greedy", "ts_cold", "ts_warm") if m in methods]
     head = ["workload", "prompts", "tokens (HF greedy)", "HF greedy tok/s"]
     head += [f"{m} vs HF greedy" for m in shown]
     head += [f"{m} vs hf_pld" for m in ("ts_cold", "ts_warm") if m in methods]
@@ -460,7 +473,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--methods",
-        default=",".join(METHODS),
+        default=",".join(DEFAULT_METHODS),
         help=f"comma-separated subset of {','.join(METHODS)} (hf_greedy is always run: it is the reference)",
     )
     p.add_argument("--num-prompts", type=int, default=8, help="prompts per workload (default 8)")
