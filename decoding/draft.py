@@ -47,6 +47,7 @@ class DraftConfig:
 # (weight, token, prompt child, output child)
 _Candidate = tuple[int, int, TrieNode | None, TrieNode | None]
 OUTPUT_PRIOR = 1.0  # pseudo-count of "something else" beside the output store's continuations
+SHORTER_MATCH_SHARE = 0.5  # weight of a shorter match's extra first tokens, per step shorter
 
 
 def _count_of(item: tuple[int, TrieNode]) -> int:
@@ -90,22 +91,27 @@ def _ranked_children(p: TrieNode | None, o: TrieNode | None, k: int) -> tuple[li
     return items, scale * sum(c.count for c in pc.values()) + o_total
 
 
-def _match(
+def _matches(
     context: list[int], prompt: PromptTrie | None, output: OutputStore | None
-) -> tuple[TrieNode | None, TrieNode | None]:
-    """Trie nodes of the longest context suffix that has continuations in either trie."""
+) -> list[tuple[TrieNode | None, TrieNode | None]]:
+    """Trie nodes of every context suffix that has continuations in either trie, longest first."""
+    out = []
     for k in range(len(context), 0, -1):
         suffix = context[-k:]
         p = prompt.find(suffix) if prompt is not None else None
         o = output.find(suffix) if output is not None else None
         if (p is not None and p.children) or (o is not None and o.children):
-            return p, o
-    return None, None
+            out.append((p, o))
+    return out
 
 
-def _best_first(p: TrieNode | None, o: TrieNode | None, budget: int, depth_cap: int) -> DraftTree:
+def _best_first(matches: list[tuple[TrieNode | None, TrieNode | None]], budget: int, depth_cap: int) -> DraftTree:
     """Grow the tree by highest estimated path probability. Nodes come out in pop order, so a
-    parent precedes its children and probabilities never increase along a path."""
+    parent precedes its children and probabilities never increase along a path.
+
+    The longest match's continuations are the root's children; each shorter match adds the
+    first tokens the longer ones lack, at SHORTER_MATCH_SHARE of the weight of the match before
+    it (a model leaving a long copy often continues as the text did after a shorter context)."""
     tokens: list[int] = []
     parents: list[int] = []
     probs: list[float] = []
@@ -121,7 +127,19 @@ def _best_first(p: TrieNode | None, o: TrieNode | None, budget: int, depth_cap: 
             # min(): prob * w / total may round above prob; a child must not outrank its parent
             heapq.heappush(heap, (-min(prob, prob * w / total), next(seq), tok, parent, pc, oc, depth))
 
+    p, o = matches[0]
     push_children(p, o, -1, 1.0, 1)
+    first = {entry[2] for entry in heap}
+    share = 1.0
+    for p, o in matches[1:]:
+        share *= SHORTER_MATCH_SHARE
+        if share <= 0 or len(first) >= budget:
+            break
+        items, total = _ranked_children(p, o, budget)
+        for w, tok, pc, oc in items:
+            if tok not in first:
+                first.add(tok)
+                heapq.heappush(heap, (-share * w / total, next(seq), tok, -1, pc, oc, 1))
     while heap and len(tokens) < budget:
         neg, _, tok, parent, pc, oc, depth = heapq.heappop(heap)
         parents.append(parent)
@@ -191,12 +209,12 @@ def draft(
         return DraftTree.empty()
     guard = output.locked() if output is not None else contextlib.nullcontext()
     with guard:
-        p, o = _match(tail, prompt, output)
-        if p is None and o is None:
+        matches = _matches(tail, prompt, output)
+        if not matches:
             return DraftTree.empty()
         if config.mode == "single":
-            return _single(p, o, min(budget, config.branch_length))
-        tree = _best_first(p, o, budget, config.branch_length)
+            return _single(*matches[0], min(budget, config.branch_length))
+        tree = _best_first(matches, budget, config.branch_length)
     if config.mode == "parallel":
         return _chains(tree, budget)  # chains are contiguous already; reordering would not help
     return tree.preordered()
@@ -211,21 +229,45 @@ def _prefix_ids(tree: DraftTree) -> list[int]:
     return out
 
 
-def accepted_curve(tree: DraftTree) -> list[float]:
+def accepted_curve(tree: DraftTree, depth_scale: Sequence[float] | None = None) -> list[float]:
     """[N+1] expected accepted draft tokens under the estimate when the tree is cut to its k
     most probable nodes (`tree.top(k)`), for k = 0..N. Lets the engine pick the tree size that
-    maximises (1 + curve[k]) / cost(k + 1). Duplicate prefixes (parallel chains) count once."""
+    maximises (1 + curve[k]) / cost(k + 1). Duplicate prefixes (parallel chains) count once.
+    `depth_scale[d - 1]` (when given) multiplies the estimate of every node at depth d: the
+    engine's calibration of what the counts promise against what the model accepts."""
     if tree.probs is None:
         raise ValueError("tree has no probability estimates (probs is None)")
     probs = tree.probs
     ids = _prefix_ids(tree)
+    depths = tree.depths() if depth_scale is not None else None
     seen: set[int] = set()
     curve = [0.0]
     for i in tree.ranked():
         gain = 0.0 if ids[i] in seen else probs[i]
+        if depths is not None and gain:
+            gain *= depth_scale[min(depths[i], len(depth_scale)) - 1]
         seen.add(ids[i])
         curve.append(curve[-1] + gain)
     return curve
+
+
+def promised_by_depth(tree: DraftTree) -> list[float]:
+    """[D] for each depth d = 1..D of the tree: the estimated probability that the accepted path
+    reaches depth d (the sum over distinct depth-d prefixes of their path probabilities; at most
+    one of them can be accepted)."""
+    if tree.probs is None:
+        raise ValueError("tree has no probability estimates (probs is None)")
+    ids = _prefix_ids(tree)
+    seen: set[int] = set()
+    out: list[float] = []
+    for i, d in enumerate(tree.depths()):
+        if ids[i] in seen:
+            continue
+        seen.add(ids[i])
+        while len(out) < d:
+            out.append(0.0)
+        out[d - 1] += tree.probs[i]
+    return out
 
 
 def expected_accepted(tree: DraftTree) -> float:

@@ -6,11 +6,15 @@ token, and keep only those rows in the cache.
 
 The budget needs two estimates. Cost: seconds of a forward with n rows, measured at start-up
 for a ladder of sizes and refined online from every step. Gain: the drafter's per-node path
-probabilities (from trie counts), scaled by a per-sequence calibration factor that tracks how
-many tokens were really accepted against how many the counts promised. A new sequence starts
-from the server-wide calibration (the same average over every sequence's steps, floored at
-PRIOR_FLOOR), so a workload where drafts keep failing stops paying for them from a request's
-first steps, while a copy-heavy request can still earn its own calibration back. With nothing worth
+probabilities (from trie counts), scaled by a per-sequence calibration per depth: how often the
+accepted path really reached depth d against how often the counts promised it would. Counts are
+overconfident in a depth-dependent way (a continuation seen once in the prompt is "certain" at
+every depth, yet a paraphrasing model leaves it at the first token far more often than midway
+through a copy), so one factor for the whole tree either starves the shallow nodes or pays for
+deep ones that never land. A new sequence starts from the server-wide calibration (the same
+averages over every sequence's steps, floored at PRIOR_FLOOR), so a workload where drafts keep
+failing stops paying for them from a request's first steps, while a copy-heavy request can still
+earn its own calibration back. With nothing worth
 drafting the step is a plain one-row forward, so the worst case is plain decoding plus the
 (millisecond) drafting cost.
 """
@@ -24,7 +28,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from trieserve.decoding.draft import DraftConfig, accepted_curve, draft, expected_accepted
+from trieserve.decoding.draft import DraftConfig, accepted_curve, draft, promised_by_depth
 from trieserve.decoding.tree import DraftTree
 from trieserve.decoding.trie import OutputStore, PromptTrie, write_atomically
 from trieserve.decoding.verify import verify_greedy, verify_sampling
@@ -114,11 +118,35 @@ def _monotone(seconds: list[float]) -> list[float]:
     return out
 
 
+class DepthCalibration:
+    """accepted / promised per tree depth, as exponential averages of both (so a step that
+    promised little moves the ratio little). `scale()` is what the gain estimates multiply by."""
+
+    def __init__(self, depths: int, start: list[float] | float = 1.0, alpha: float = 0.2) -> None:
+        start = start if isinstance(start, list) else [start] * depths
+        self.accepted = list(start)  # starts as `start` accepted per 1 promised
+        self.promised = [1.0] * depths
+        self.alpha = alpha
+
+    def scale(self) -> list[float]:
+        return [min(max(a / p, 0.02), 2.0) for a, p in zip(self.accepted, self.promised, strict=True)]
+
+    def observe(self, promised: list[float], reached: int) -> None:
+        """`promised[d-1]`: the estimate that the accepted path reaches depth d; `reached`: the
+        depth it did reach. Depths the tree did not have are left alone."""
+        for d, p in enumerate(promised[: len(self.promised)]):
+            if p <= 0:
+                continue
+            hit = 1.0 if reached > d else 0.0
+            self.accepted[d] += self.alpha * (hit - self.accepted[d])
+            self.promised[d] += self.alpha * (p - self.promised[d])
+
+
 @dataclass
 class LookaheadState:
     prompt_trie: PromptTrie
+    calibration: DepthCalibration
     inserted: int = 0  # output tokens already streamed into the shared store
-    calibration: float = 1.0  # accepted / promised, exponential average
 
 
 class Speculator:
@@ -135,7 +163,8 @@ class Speculator:
         cost_path=None,
     ) -> None:
         self.store = store
-        self.prior = 1.0  # server-wide accepted / promised: a new sequence's starting calibration
+        # server-wide accepted / promised per depth: a new sequence's starting calibration
+        self.prior = DepthCalibration(config.branch_length, alpha=0.05)
         self.cost_path = cost_path  # where the measured cost ladder is cached (None: not cached)
         self.config = config
         self.decoding_length = decoding_length
@@ -147,7 +176,8 @@ class Speculator:
     def admit(self, seq) -> None:
         trie = PromptTrie(seq.prompt_ids, ngram_len=self.config.ngram_len)
         # never below PRIOR_FLOOR: a sequence that never drafts never learns that it could
-        seq.state["lookahead"] = LookaheadState(trie, calibration=max(self.prior, PRIOR_FLOOR))
+        start = [max(s, PRIOR_FLOOR) for s in self.prior.scale()]
+        seq.state["lookahead"] = LookaheadState(trie, DepthCalibration(self.config.branch_length, start))
 
     def release(self, seq) -> None:
         state = seq.state.pop("lookahead", None)
@@ -172,8 +202,8 @@ class Speculator:
         if not self.adaptive or not any(len(t) for t in trees):
             return trees
         curves = [
-            [c * g for g in _marginals(accepted_curve(t))] if len(t) else []
-            for t, c in zip(trees, (_calibration(s) for s in seqs), strict=True)
+            _marginals(accepted_curve(t, seq.state["lookahead"].calibration.scale())) if len(t) else []
+            for t, seq in zip(trees, seqs, strict=True)
         ]
         keep = allocate(curves, self.cost)
         return [tree.top(k) for tree, k in zip(trees, keep, strict=True)]
@@ -205,10 +235,9 @@ class Speculator:
         seq.logical_len += 1 + len(verdict.rows)
         if len(tree):
             state: LookaheadState = seq.state["lookahead"]
-            promised = expected_accepted(tree) or 1e-6
-            ratio = min(len(verdict.rows) / promised, 2.0)
-            state.calibration += 0.2 * (ratio - state.calibration)
-            self.prior += 0.05 * (ratio - self.prior)
+            promised = promised_by_depth(tree)
+            state.calibration.observe(promised, len(verdict.rows))
+            self.prior.observe(promised, len(verdict.rows))
         return verdict.tokens, len(verdict.rows)
 
     def observe(self, rows: int, seconds: float) -> None:
@@ -247,11 +276,6 @@ def _ladder(max_rows: int) -> list[int]:
 
 def _marginals(curve: list[float]) -> list[float]:
     return [curve[i + 1] - curve[i] for i in range(len(curve) - 1)]
-
-
-def _calibration(seq) -> float:
-    state = seq.state.get("lookahead")
-    return max(state.calibration, 0.05) if state is not None else 0.0
 
 
 def runner_room(seq) -> int:

@@ -9,7 +9,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from trieserve.decoding.draft import MODES, DraftConfig, accepted_curve, draft, expected_accepted
+from trieserve.decoding.draft import (
+    MODES,
+    DraftConfig,
+    accepted_curve,
+    draft,
+    expected_accepted,
+    promised_by_depth,
+)
 from trieserve.decoding.tree import DraftTree
 from trieserve.decoding.trie import OutputStore, PromptTrie
 
@@ -64,6 +71,10 @@ def test_longest_suffix_wins_and_falls_back_when_it_has_no_continuation():
     assert draft([4, 6], 1, HIER, trie, None).tokens == [8]
     # max_match 1 ignores the longer match.
     assert draft([5, 6], 1, DraftConfig(max_match=1), trie, None).tokens == [8]
+    # with room, the shorter match adds the first token the longer one lacks, ranked below it
+    tree = draft([5, 6], 4, DraftConfig(branch_length=1), trie, None)
+    assert tree.tokens == [7, 8] and tree.parents == [-1, -1]
+    assert tree.probs == pytest.approx([1.0, 0.5 * 3 / 4])  # "6" -> 8 three times in four, at half weight
 
 
 def test_prompt_counts_rank_first_and_output_counts_break_ties():
@@ -189,3 +200,15 @@ def test_drafting_is_fast():
         d[i] = i
     calibration = time.perf_counter() - start
     assert best < 0.002 or best < 5 * calibration, f"draft took {best * 1e3:.2f} ms"
+
+
+def test_promised_by_depth_and_depth_scaled_curve():
+    # root -> a (0.6) -> b (0.5); root -> c (0.3); a duplicate of a's prefix counts once
+    tree = DraftTree(tokens=[1, 2, 3, 1], parents=[-1, 0, -1, -1], probs=[0.6, 0.5, 0.3, 0.6])
+    assert promised_by_depth(tree) == pytest.approx([0.9, 0.5])
+    curve = accepted_curve(tree, depth_scale=[0.5, 0.1])
+    # ranked: a (0.6 * 0.5), the duplicate of a (0), b (0.5 * 0.1), c (0.3 * 0.5)
+    assert curve == pytest.approx([0.0, 0.3, 0.3, 0.35, 0.5])
+    assert accepted_curve(tree, depth_scale=[1.0, 1.0]) == pytest.approx(accepted_curve(tree))
+    deep = DraftTree(tokens=[1, 2, 3], parents=[-1, 0, 1], probs=[1.0, 1.0, 1.0])
+    assert accepted_curve(deep, depth_scale=[0.5])[-1] == pytest.approx(1.5)  # deeper than the scale: its last entry

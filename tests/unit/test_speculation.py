@@ -59,10 +59,40 @@ def test_new_sequences_start_from_the_server_wide_calibration():
     def admitted():
         seq = SimpleNamespace(prompt_ids=[1, 2, 3, 4], state={})
         spec.admit(seq)
-        return seq.state["lookahead"].calibration
+        return seq.state["lookahead"].calibration.scale()
 
-    assert admitted() == 1.0
-    spec.prior = 0.8
-    assert admitted() == 0.8
-    spec.prior = 0.01  # drafts have kept failing everywhere: start low, but able to learn
-    assert admitted() == PRIOR_FLOOR
+    depths = config.branch_length
+    assert admitted() == [1.0] * depths
+    spec.prior.accepted = [0.8] * depths
+    assert admitted() == pytest.approx([0.8] * depths)
+    spec.prior.accepted[0] = 0.01  # first tokens have kept failing everywhere: start low, but able to learn
+    assert admitted()[0] == PRIOR_FLOOR and admitted()[1] == pytest.approx(0.8)
+
+
+def test_depth_calibration_learns_where_drafts_fail():
+    """Chains promised as certain whose first token lands 1 time in 3 and, once it does, run
+    to the end: the first depth is scaled down to ~1/3, and every deeper depth to about the
+    same (reaching depth d needs the first token), not to accepted/promised over the whole tree."""
+    from trieserve.server.speculation import DepthCalibration
+
+    cal = DepthCalibration(4, alpha=0.05)
+    for step in range(600):
+        cal.observe([1.0, 1.0, 1.0, 1.0], reached=4 if step % 3 == 0 else 0)
+    scale = cal.scale()
+    assert scale[0] == pytest.approx(1 / 3, abs=0.08)
+    assert scale[3] == pytest.approx(1 / 3, abs=0.08)
+    cal.observe([0.5, 0.0, 0.0, 0.0], reached=1)  # depths the tree did not reach are left alone
+    assert cal.scale()[3] == scale[3]
+    assert cal.scale()[0] > scale[0]
+
+
+def test_depth_calibration_is_bounded():
+    from trieserve.server.speculation import DepthCalibration
+
+    cal = DepthCalibration(2)
+    for _ in range(100):
+        cal.observe([1e-6, 1e-6], reached=2)  # the counts promised almost nothing, all landed
+    assert max(cal.scale()) == 2.0
+    for _ in range(100):
+        cal.observe([1.0, 1.0], reached=0)
+    assert min(cal.scale()) == 0.02
