@@ -191,13 +191,17 @@ class Speculator:
     # -- the decode step: plan (draft + size), then accept after the batched forward -----------
     def plan(self, runner, seqs: list) -> list[DraftTree]:
         """Draft trees for one batched step, one per sequence (empty for sequences not
-        speculating), sized together so the whole step maximises expected tokens per second:
-        (B + sum of calibrated node probabilities kept) / cost(B + nodes kept). Every node's
-        marginal gain is its calibrated path probability, so the best plan for n extra rows is
-        the n best nodes over all trees, and only the total n has to be searched."""
+        speculating), sized together so the whole step maximises expected tokens per second
+        (see `allocate`). When not even trees certain to be accepted could pay for their rows
+        in this batch, no sequence drafts and the tries are not searched at all."""
         if self.cost is None:  # lookahead off by default: measured when first asked for
             rows = self.decoding_length + 1
             self.cost = StepCost.cached(runner, rows, self.cost_path) if self.cost_path else StepCost.measure(runner, rows)
+        if self.adaptive and not self._could_pay(seqs):
+            for seq in seqs:
+                if seq.lookahead:
+                    self._stream_output(seq)
+            return [DraftTree.empty() for _ in seqs]
         trees = [self.draft_for(seq) if seq.lookahead else DraftTree.empty() for seq in seqs]
         if not self.adaptive or not any(len(t) for t in trees):
             return trees
@@ -208,12 +212,31 @@ class Speculator:
         keep = allocate(curves, self.cost)
         return [tree.top(k) for tree, k in zip(trees, keep, strict=True)]
 
-    def draft_for(self, seq) -> DraftTree:
-        """The full-budget tree for one sequence (streams its new output into the store first)."""
+    def _could_pay(self, seqs: list) -> bool:
+        """An upper bound on what drafting can gain this step: every sequence's tree as good as
+        a tree can be under its calibration (each depth d promised twice over at scale[d], the
+        most a tree with shorter-match branches can promise per depth). If even that loses to a
+        plain step, drafting cannot pay."""
+        best = []
+        for seq in seqs:
+            if not seq.lookahead:
+                best.append([])
+                continue
+            scale = seq.state["lookahead"].calibration.scale()
+            best.append(sorted((s for s in scale for _ in range(2)), reverse=True)[: self.decoding_length])
+        return any(allocate(best, self.cost))
+
+    def _stream_output(self, seq) -> None:
+        """Insert the sequence's output tokens not yet in the shared store."""
         state: LookaheadState = seq.state["lookahead"]
         if len(seq.output_ids) > state.inserted:
             self.store.insert(seq.output_ids, state.inserted)
             state.inserted = len(seq.output_ids)
+
+    def draft_for(self, seq) -> DraftTree:
+        """The full-budget tree for one sequence (streams its new output into the store first)."""
+        state: LookaheadState = seq.state["lookahead"]
+        self._stream_output(seq)
         remaining = seq.request.max_tokens - len(seq.output_ids)
         budget = min(self.decoding_length, max(remaining - 1, 0), runner_room(seq))
         if budget <= 0:

@@ -96,3 +96,38 @@ def test_depth_calibration_is_bounded():
     for _ in range(100):
         cal.observe([1.0, 1.0], reached=0)
     assert min(cal.scale()) == 0.02
+
+
+def test_no_trie_search_when_no_draft_could_pay_for_the_batch():
+    """Eight sequences whose drafts have kept failing, on a CPU where padding the batch to two
+    rows per sequence costs 1.4x: even perfect trees would lose, so the step drafts nothing,
+    without searching the tries, but every sequence's new output still reaches the shared store.
+    Alone, with a good calibration, the same sequence drafts."""
+    from types import SimpleNamespace
+
+    from trieserve.decoding.draft import DraftConfig
+    from trieserve.decoding.trie import OutputStore
+    from trieserve.server.speculation import Speculator
+
+    config = DraftConfig()
+    cost = StepCost([1, 2, 4, 8, 16, 32, 64], [1.0, 1.05, 1.2, 1.5, 2.1, 2.5, 4.0])
+    spec = Speculator(OutputStore(capacity=1000, ngram_len=config.ngram_len), config, 16, cost)
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12] * 4
+
+    def sequence():
+        seq = SimpleNamespace(prompt_ids=prompt, output_ids=[5, 6, 7], state={}, lookahead=True,
+                              request=SimpleNamespace(max_tokens=64), max_context=2048, logical_len=35)  # fmt: skip
+        spec.admit(seq)
+        return seq
+
+    searched = []
+    spec.draft_for = lambda seq, orig=spec.draft_for: searched.append(seq) or orig(seq)
+    batch = [sequence() for _ in range(8)]
+    for seq in batch:
+        seq.state["lookahead"].calibration.accepted = [0.1] * config.branch_length
+    assert [len(t) for t in spec.plan(None, batch)] == [0] * 8
+    assert searched == []
+    assert spec.store.find([5, 6]) is not None  # the output was streamed into the store
+    alone = sequence()
+    assert len(spec.plan(None, [alone])[0]) > 0
+    assert searched == [alone]
