@@ -36,7 +36,11 @@ from trieserve.decoding.verify import verify_greedy, verify_sampling
 log = logging.getLogger(__name__)
 
 COST_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-PRIOR_FLOOR = 0.5  # a new sequence trusts the trie counts at least this much
+# A new sequence trusts the trie counts at least this much. Low enough that a busy batch, where
+# every padded row is expensive, does not draft on a prior the workload has already disproved;
+# high enough that a lone request with confident counts still tries a small (nearly free) tree,
+# so the prior can recover when the workload changes.
+PRIOR_FLOOR = 0.15
 
 
 class StepCost:
