@@ -269,8 +269,7 @@ class Engine:
         logits = self.runner.step_batch([s.cache for s in seqs], parts)
         if speculating:
             # the padded batch computes B rows per tree row (see allocate)
-            rows = len(trees) * max(len(t) + 1 for t in trees)
-            self.speculator.observe(rows, time.perf_counter() - forward_start, len(seqs))
+            self.speculator.observe(len(trees) * max(len(t) + 1 for t in trees), time.perf_counter() - forward_start)
         for seq, tree, rows in zip(seqs, trees, logits, strict=True):
             if seq.lookahead:
                 tokens, accepted = self.speculator.accept(seq, tree, rows)

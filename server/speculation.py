@@ -45,18 +45,12 @@ PRIOR_FLOOR = 0.15
 
 class StepCost:
     """Seconds of one forward as a function of the rows it carries (piecewise linear over a
-    ladder of sizes, measured on one sequence) plus, for a batched step, a per-sequence
-    overhead (each sequence attends to its own cache: kernel calls, cache appends) for every
-    sequence beyond the first. Online updates: one-sequence steps refine the ladder (an
-    exponential average per point), batched steps the overhead. Pricing a batched step by its
-    rows alone, from a ladder learned from both kinds of step, misjudged what a tree costs in a
-    busy batch: it blended the two."""
+    ladder of sizes). Online updates are an exponential average per ladder point."""
 
-    def __init__(self, sizes: list[int], seconds: list[float], alpha: float = 0.05, per_seq: float = 0.0) -> None:
+    def __init__(self, sizes: list[int], seconds: list[float], alpha: float = 0.05) -> None:
         self.sizes = list(sizes)
         self.seconds = list(seconds)
         self.alpha = alpha
-        self.per_seq = per_seq  # seconds each sequence beyond the first adds to a batched step
 
     @classmethod
     def measure(cls, runner, max_rows: int, prefix: int = 128, rounds: int = 5) -> StepCost:
@@ -100,11 +94,7 @@ class StepCost:
             log.warning("could not cache the forward cost ladder at %s: %s", path, exc)
         return cost
 
-    def __call__(self, rows: int, seqs: int = 1) -> float:
-        """Seconds of a forward carrying `rows` rows of `seqs` sequences."""
-        return self._rows(rows) + max(seqs - 1, 0) * self.per_seq
-
-    def _rows(self, rows: int) -> float:
+    def __call__(self, rows: int) -> float:
         i = bisect.bisect_left(self.sizes, rows)
         if i < len(self.sizes) and self.sizes[i] == rows:
             return self.seconds[i]
@@ -116,18 +106,11 @@ class StepCost:
         w = (rows - lo) / (hi - lo)
         return self.seconds[i - 1] * (1 - w) + self.seconds[i] * w
 
-    def observe(self, rows: int, seconds: float, seqs: int = 1) -> None:
-        if seqs > 1:
-            # what the step took beyond the ladder's price of its rows, per extra sequence;
-            # clamped so one step slowed by outside load moves the estimate only a little
-            extra = (seconds - self._rows(rows)) / (seqs - 1)
-            extra = min(max(extra, 0.0), 2.0 * self.seconds[0])
-            self.per_seq += 2 * self.alpha * (extra - self.per_seq)
-            return
+    def observe(self, rows: int, seconds: float) -> None:
         i = min(bisect.bisect_left(self.sizes, rows), len(self.sizes) - 1)
         # scale the observation to the ladder point so neighbouring sizes share what they learn;
         # clamp it so one step slowed by outside load moves the estimate only a little
-        scaled = seconds * self._rows(self.sizes[i]) / max(self._rows(rows), 1e-9)
+        scaled = seconds * self(self.sizes[i]) / max(self(rows), 1e-9)
         scaled = min(max(scaled, 0.5 * self.seconds[i]), 2.0 * self.seconds[i])
         self.seconds[i] += self.alpha * (scaled - self.seconds[i])
 
@@ -284,27 +267,27 @@ class Speculator:
             self.prior.observe(promised, len(verdict.rows))
         return verdict.tokens, len(verdict.rows)
 
-    def observe(self, rows: int, seconds: float, seqs: int = 1) -> None:
+    def observe(self, rows: int, seconds: float) -> None:
         if self.cost is not None:
-            self.cost.observe(rows, seconds, seqs)
+            self.cost.observe(rows, seconds)
 
 
 def allocate(marginals: list[list[float]], cost) -> list[int]:
     """Draft nodes to keep per sequence for one batched step. marginals[b][i]: expected extra
-    accepted tokens from sequence b's (i+1)-th best node (non-increasing); cost(rows, seqs):
-    seconds of a forward over that many rows of that many sequences.
+    accepted tokens from sequence b's (i+1)-th best node (non-increasing); cost(rows): seconds
+    of a forward over that many rows.
 
     A batched step is a padded [B, 1 + k] batch (server/batch.py): its linear layers, nearly
     all the compute, run over B * (1 + k) rows where k is the largest tree in the step, so a
     tree for one sequence costs a row for every sequence. Every sequence therefore keeps up to
-    the same k nodes, and k maximises (B + sum of kept marginals) / cost(B * (1 + k), B); k = 0
+    the same k nodes, and k maximises (B + sum of kept marginals) / cost(B * (1 + k)); k = 0
     (no draft) is always a candidate. With one sequence this is the single-request budget."""
     base = len(marginals)
-    best_k, best_rate = 0, base / cost(base, base)
+    best_k, best_rate = 0, base / cost(base)
     total = 0.0
     for k in range(1, max((len(m) for m in marginals), default=0) + 1):
         total += sum(m[k - 1] for m in marginals if len(m) >= k)
-        rate = (base + total) / cost(base * (1 + k), base)
+        rate = (base + total) / cost(base * (1 + k))
         if rate > best_rate:
             best_k, best_rate = k, rate
     return [min(best_k, len(m)) for m in marginals]

@@ -131,25 +131,3 @@ def test_no_trie_search_when_no_draft_could_pay_for_the_batch():
     alone = sequence()
     assert len(spec.plan(None, [alone])[0]) > 0
     assert searched == [alone]
-
-
-def test_step_cost_learns_the_per_sequence_overhead_from_batched_steps():
-    cost = StepCost([1, 8, 16], [1.0, 1.2, 1.5])
-    for _ in range(200):
-        cost.observe(8, 1.2 + 7 * 0.1, seqs=8)  # eight one-row sequences: 0.1 s each beyond the first
-    assert cost.per_seq == pytest.approx(0.1, rel=0.01)
-    assert cost(8) == 1.2  # the one-sequence ladder is left alone
-    assert cost(16, seqs=8) == pytest.approx(1.5 + 0.7, rel=0.01)
-    cost.observe(8, 100.0, seqs=8)  # one step slowed 100x by outside load
-    assert cost.per_seq < 0.3
-
-
-def test_allocate_prices_the_batch_by_rows_and_sequences():
-    calls = []
-
-    def cost(rows, seqs=1):
-        calls.append(seqs)
-        return 1.0 + 0.1 * rows + 0.5 * (seqs - 1)
-
-    allocate([[0.9, 0.5], [0.9], [0.1]], cost)
-    assert calls and set(calls) == {3}
