@@ -270,6 +270,7 @@ class Engine:
         if speculating:
             # the padded batch computes B rows per tree row (see allocate)
             self.speculator.observe(len(trees) * max(len(t) + 1 for t in trees), time.perf_counter() - forward_start)
+        emitted = 0
         for seq, tree, rows in zip(seqs, trees, logits, strict=True):
             if seq.lookahead:
                 tokens, accepted = self.speculator.accept(seq, tree, rows)
@@ -281,10 +282,13 @@ class Engine:
             seq.stats.draft_tokens += len(tree)
             seq.stats.accepted_tokens += accepted
             used = seq.append(tokens)
+            emitted += len(tokens)
             seq.pending_token = tokens[-1]
             seq.stats.decode_s += time.perf_counter() - start
             if self.metrics is not None:
                 self.metrics.step(len(tree), accepted, used)
+        if speculating:
+            self.speculator.outcome(len(seqs), any(len(t) for t in trees), emitted, time.perf_counter() - start)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

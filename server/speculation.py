@@ -146,6 +146,44 @@ class DepthCalibration:
             self.promised[d] += self.alpha * (p - self.promised[d])
 
 
+class Payoff:
+    """What drafting really delivers, per batch size: tokens per second of steps that verified a
+    draft against steps that did not (exponential averages of tokens and of seconds). The budget
+    predicts from estimates; this checks the prediction. Where drafting steps have been slower
+    than plain ones at this batch size, only every `explore`-th step may draft, so the check
+    keeps learning (the workload or the load may change) while a loss is capped."""
+
+    def __init__(self, alpha: float = 0.1, explore: int = 8) -> None:
+        self.alpha = alpha
+        self.explore = explore
+        self.stats: dict[int, list[list[float] | None]] = {}  # batch size -> [plain, draft] [tokens, seconds]
+        self.skipped: dict[int, int] = {}
+
+    def observe(self, seqs: int, drafted: bool, tokens: int, seconds: float) -> None:
+        pair = self.stats.setdefault(seqs, [None, None])
+        i = 1 if drafted else 0
+        if pair[i] is None:
+            pair[i] = [float(tokens), seconds]
+        else:
+            pair[i][0] += self.alpha * (tokens - pair[i][0])
+            pair[i][1] += self.alpha * (seconds - pair[i][1])
+
+    def rates(self, seqs: int) -> tuple[float, float] | None:
+        """(plain, drafting) tokens per second at this batch size, once both were seen."""
+        pair = self.stats.get(seqs)
+        if pair is None or pair[0] is None or pair[1] is None:
+            return None
+        return pair[0][0] / max(pair[0][1], 1e-9), pair[1][0] / max(pair[1][1], 1e-9)
+
+    def allows(self, seqs: int) -> bool:
+        """False when drafting has lost at this batch size and this is not an exploring step."""
+        rates = self.rates(seqs)
+        if rates is None or rates[1] >= rates[0]:
+            return True
+        self.skipped[seqs] = self.skipped.get(seqs, 0) + 1
+        return self.skipped[seqs] % self.explore == 0
+
+
 @dataclass
 class LookaheadState:
     prompt_trie: PromptTrie
@@ -175,6 +213,7 @@ class Speculator:
         self.cost = cost
         self.trie_path = trie_path
         self.adaptive = adaptive
+        self.payoff = Payoff()
 
     # -- lifecycle of a sequence ---------------------------------------------------------------
     def admit(self, seq) -> None:
@@ -201,7 +240,7 @@ class Speculator:
         if self.cost is None:  # lookahead off by default: measured when first asked for
             rows = self.decoding_length + 1
             self.cost = StepCost.cached(runner, rows, self.cost_path) if self.cost_path else StepCost.measure(runner, rows)
-        if self.adaptive and not self._could_pay(seqs):
+        if self.adaptive and not (self._could_pay(seqs) and self.payoff.allows(len(seqs))):
             for seq in seqs:
                 if seq.lookahead:
                     self._stream_output(seq)
@@ -270,6 +309,11 @@ class Speculator:
     def observe(self, rows: int, seconds: float) -> None:
         if self.cost is not None:
             self.cost.observe(rows, seconds)
+
+    def outcome(self, seqs: int, drafted: bool, tokens: int, seconds: float) -> None:
+        """A finished step: `tokens` emitted by `seqs` sequences in `seconds` (drafting,
+        forward and verification), with or without a draft."""
+        self.payoff.observe(seqs, drafted, tokens, seconds)
 
 
 def allocate(marginals: list[list[float]], cost) -> list[int]:

@@ -131,3 +131,21 @@ def test_no_trie_search_when_no_draft_could_pay_for_the_batch():
     alone = sequence()
     assert len(spec.plan(None, [alone])[0]) > 0
     assert searched == [alone]
+
+
+def test_payoff_switches_drafting_off_where_it_loses_but_keeps_exploring():
+    from trieserve.server.speculation import Payoff
+
+    payoff = Payoff(explore=4)
+    assert payoff.allows(8)  # nothing seen yet
+    for _ in range(20):
+        payoff.observe(8, drafted=False, tokens=8, seconds=0.2)  # 40 tok/s plain
+        payoff.observe(8, drafted=True, tokens=9, seconds=0.3)  # 30 tok/s drafting
+        payoff.observe(1, drafted=False, tokens=1, seconds=0.1)  # 10 tok/s plain
+        payoff.observe(1, drafted=True, tokens=3, seconds=0.12)  # 25 tok/s drafting
+    assert payoff.rates(8) == pytest.approx((40.0, 30.0))
+    assert [payoff.allows(8) for _ in range(8)] == [False, False, False, True] * 2
+    assert all(payoff.allows(1) for _ in range(8))  # where drafting wins it is never held back
+    for _ in range(60):  # the workload changes: drafting now wins at 8 too
+        payoff.observe(8, drafted=True, tokens=20, seconds=0.3)
+    assert payoff.allows(8) and payoff.allows(8)
