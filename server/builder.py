@@ -66,7 +66,8 @@ def build_speculator(settings: Settings, runner: ModelRunner, model_tag: str) ->
 
 def _hardware_key(settings: Settings, runner: ModelRunner, model_tag: str) -> str:
     """What a forward's cost depends on: the model, its dtype, the device, how many threads
-    run it and the CPU matmul route (`skinny_rows`). A different machine, model or thread count gets its own measured ladder."""
+    run it and the CPU matmul route (`skinny_rows`). Each combination gets its own measured
+    ladder."""
     import torch
 
     device = runner.device

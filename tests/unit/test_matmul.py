@@ -51,3 +51,18 @@ def test_install_leaves_non_cpu_models_and_zero_rows_alone():
     meta = nn.Sequential(nn.Linear(4, 4, device="meta"))
     assert matmul.install(meta) == 0
     assert type(meta[0]) is nn.Linear
+
+
+def test_rows_in_range_take_the_skinny_route_and_others_f_linear(monkeypatch):
+    """The route itself, not only the result: 2..max_rows rows never reach F.linear."""
+    layer = nn.Linear(24, 40)
+    matmul.install(layer, max_rows=9)
+    calls = []
+    real = matmul.F.linear
+    monkeypatch.setattr(matmul.F, "linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    layer(torch.randn(2, 24))
+    layer(torch.randn(3, 3, 24))
+    assert calls == []
+    layer(torch.randn(1, 24))
+    layer(torch.randn(10, 24))
+    assert calls == [torch.Size([1, 24]), torch.Size([10, 24])]
