@@ -1,13 +1,15 @@
 """Batched steps over sequences that keep their own caches (continuous batching).
 
-Layout: the new rows of every sequence in the step ([last token] + draft tree, or one row, or a
-prefill chunk) are padded into one [B, T_max] batch, so the linear layers, where nearly all
-the compute is, run once for the whole batch. Attention runs per sequence against that
-sequence's own KV cache: `BatchCache.update` appends each sequence's real rows to its own
-`KVCache` and returns per-sequence key/value lists, which the registered attention function
-consumes. No cache is ever copied into a padded batch tensor, caches of different lengths (and
-different per-layer lengths after eviction) need nothing special, and a sequence leaves the
-batch by simply not being in the next step.
+Layout: flattened. The new rows of every sequence in the step ([last token] + draft tree, one
+row, or a prefill chunk) are concatenated into one [1, N] row batch (N = the sum of the
+sequences' rows, no padding) with per-sequence offsets, so the linear layers, where nearly all
+the compute is, run once over exactly the rows the step needs: one sequence's draft tree costs
+its own rows and nothing for the others. Attention runs per sequence against that sequence's
+own KV cache: `BatchCache.update` appends each sequence's slice of the new keys/values to its
+own `KVCache` and returns per-sequence key/value lists, which the registered attention function
+consumes slice by slice. No cache is ever copied into a batch tensor, caches of different
+lengths (and different per-layer lengths after eviction) need nothing special, and a sequence
+leaves the batch by simply not being in the next step.
 """
 
 from __future__ import annotations
@@ -31,19 +33,20 @@ class StepRows:
 
 
 class BatchCache(Cache):
-    """A view of several sequences' caches as one transformers Cache for one forward."""
+    """A view of several sequences' caches as one transformers Cache for one forward over
+    flattened rows: sequence b owns rows offsets[b] : offsets[b] + rows[b]."""
 
     def __init__(self, caches: list[KVCache], rows: list[int]) -> None:
         super().__init__(layers=[])
         self.caches = caches
         self.rows = rows
+        self.offsets = row_offsets(rows)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        """key/value_states [B, H, T_max, D] → per-sequence lists of all their cached rows."""
+        """key/value_states [1, H, N, D] → per-sequence lists of all their cached rows."""
         keys, values = [], []
-        for b, cache in enumerate(self.caches):
-            t = self.rows[b]
-            k, v = cache.layers[layer_idx].update(key_states[b : b + 1, :, :t], value_states[b : b + 1, :, :t])
+        for cache, lo, t in zip(self.caches, self.offsets, self.rows, strict=True):
+            k, v = cache.layers[layer_idx].update(key_states[:, :, lo : lo + t], value_states[:, :, lo : lo + t])
             keys.append(k)
             values.append(v)
         return keys, values
@@ -55,15 +58,19 @@ class BatchCache(Cache):
         return len(self.caches[0].layers) if self.caches else 0
 
 
-def pad_rows(parts: list[StepRows], device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """[B, T_max] input ids and position ids; padded rows repeat the last real position (their
-    outputs are discarded and their keys never reach a cache)."""
+def row_offsets(rows: list[int]) -> list[int]:
+    """Where each sequence's rows start in the flattened batch."""
+    offsets, at = [], 0
+    for t in rows:
+        offsets.append(at)
+        at += t
+    return offsets
+
+
+def flatten_rows(parts: list[StepRows], device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """[1, N] input ids and position ids (every sequence's rows back to back) and the rows per
+    sequence."""
     rows = [p.input_ids.numel() for p in parts]
-    t_max = max(rows)
-    ids = torch.zeros(len(parts), t_max, dtype=torch.long)
-    pos = torch.zeros(len(parts), t_max, dtype=torch.long)
-    for b, p in enumerate(parts):
-        ids[b, : rows[b]] = p.input_ids
-        pos[b, : rows[b]] = p.position_ids
-        pos[b, rows[b] :] = p.position_ids[-1]
+    ids = torch.cat([p.input_ids for p in parts]).unsqueeze(0)
+    pos = torch.cat([p.position_ids for p in parts]).unsqueeze(0)
     return ids.to(device), pos.to(device), rows

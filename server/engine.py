@@ -121,9 +121,11 @@ class Engine:
             self.running.append(seq)
 
     def _round(self) -> None:
-        """One batched decode step for every sequence past prefill, then one prefill forward led by
-        the oldest sequence still prefilling (FIFO, so a long prompt is never starved, and running
-        streams pause for at most one chunk)."""
+        """One forward for every sequence past prefill (a decode step) together with the next
+        prefill chunk(s), led by the oldest sequence still prefilling (FIFO, so a long prompt is
+        never starved). The rows are one flattened batch (server/batch.py), so decode rows ride
+        along with a chunk for nearly nothing and running streams never pause for a prefill.
+        An evicting prefill scores its own chunks and takes a forward of its own."""
         ready = []
         for seq in list(self.running):
             if seq.cancelled.is_set():
@@ -131,11 +133,13 @@ class Engine:
             elif self.fault_hook is None or self._guarded([seq], lambda ss: self.fault_hook(ss[0])):
                 ready.append(seq)
         decoding = [s for s in ready if s.prefilled and not s.done]
-        if decoding:
-            self._guarded(decoding, self._decode_batch)
         prefilling = [s for s in ready if not s.prefilled and not s.done]
-        if prefilling:
-            self._prefill_round(prefilling)
+        prefilling = [s for s in prefilling if s.cache is not None or self._guarded([s], self._start_prefill)]
+        group = self._prefill_group(prefilling)
+        if decoding or group:
+            self._guarded(decoding + group, lambda _: self._step(decoding, group))
+        if prefilling and "prefill" in prefilling[0].state:  # an evicting prefill: its own chunked generator
+            self._guarded([prefilling[0]], lambda seqs: self._prefill_evicting(seqs[0]))
         for seq in ready:
             if seq.done and seq in self.running:
                 self._end(seq)
@@ -170,29 +174,23 @@ class Engine:
         if self.speculator is not None:
             self.speculator.release(seq)
 
-    def _prefill_round(self, prefilling: list[Sequence]) -> None:
-        """One prefill forward. The oldest prefilling sequence always advances (FIFO: a long
-        prompt is never starved). When it keeps its whole cache, the next ones that also do
-        join the same forward while the padded batch stays within one chunk of tokens, so a
-        burst of short prompts is prefilled together instead of one per round."""
-        prefilling = [s for s in prefilling if s.cache is not None or self._guarded([s], self._start_prefill)]
-        if not prefilling:
-            return
-        first = prefilling[0]
-        if "prefill" in first.state:  # an evicting prefill: its own chunked generator
-            self._guarded([first], lambda seqs: self._prefill_evicting(seqs[0]))
-            return
-        group, widest = [], 0
+    def _prefill_group(self, prefilling: list[Sequence]) -> list[Sequence]:
+        """Who prefills a chunk in this round's forward: the oldest sequence still prefilling,
+        and the next ones while their rows together stay within one chunk of tokens (so a burst
+        of short prompts is prefilled together instead of one per round). None when the oldest
+        is an evicting prefill (it runs on its own) or nobody is prefilling."""
+        if not prefilling or "prefill" in prefilling[0].state:
+            return []
+        group, tokens = [], 0
         for seq in prefilling:
             if "prefill" in seq.state:
                 continue
-            lo = seq.state["prefill_at"]
-            width = min(len(seq.prompt_ids) - lo, self.runner.prefill_chunk)
-            if group and (len(group) + 1) * max(widest, width) > self.runner.prefill_chunk:
+            width = min(len(seq.prompt_ids) - seq.state["prefill_at"], self.runner.prefill_chunk)
+            if group and tokens + width > self.runner.prefill_chunk:
                 break
             group.append(seq)
-            widest = max(widest, width)
-        self._guarded(group, self._prefill_batch)
+            tokens += width
+        return group
 
     def _start_prefill(self, seqs: list[Sequence]) -> None:
         (seq,) = seqs
@@ -204,23 +202,19 @@ class Engine:
         else:
             seq.state["prefill_at"] = 0
 
-    def _prefill_batch(self, seqs: list[Sequence]) -> None:
-        """The next chunk of each sequence (no eviction) in one batched forward."""
-        start = time.perf_counter()
-        parts = []
-        for seq in seqs:
-            lo = seq.state["prefill_at"]
-            hi = min(len(seq.prompt_ids), lo + self.runner.prefill_chunk)
-            ids = torch.tensor(seq.prompt_ids[lo:hi], dtype=torch.long)
-            parts.append(StepRows(ids, torch.arange(lo, hi), None, logits_rows=slice(hi - lo - 1, hi - lo)))
-            seq.state["prefill_at"] = hi
-        logits = self.runner.step_batch([s.cache for s in seqs], parts)
-        elapsed = time.perf_counter() - start
-        for seq, rows in zip(seqs, logits, strict=True):
-            seq.stats.prefill_s += elapsed
-            if seq.state["prefill_at"] == len(seq.prompt_ids):
-                del seq.state["prefill_at"]
-                self._first_token(seq, rows[-1], time.perf_counter())
+    def _prefill_rows(self, seq: Sequence) -> StepRows:
+        """The sequence's next prefill chunk (no eviction); only its last row's logits are kept."""
+        lo = seq.state["prefill_at"]
+        hi = min(len(seq.prompt_ids), lo + self.runner.prefill_chunk)
+        seq.state["prefill_at"] = hi
+        ids = torch.tensor(seq.prompt_ids[lo:hi], dtype=torch.long)
+        return StepRows(ids, torch.arange(lo, hi), None, logits_rows=slice(hi - lo - 1, hi - lo))
+
+    def _prefilled_chunk(self, seq: Sequence, logits: torch.Tensor, elapsed: float) -> None:
+        seq.stats.prefill_s += elapsed
+        if seq.state["prefill_at"] == len(seq.prompt_ids):
+            del seq.state["prefill_at"]
+            self._first_token(seq, logits[-1], time.perf_counter())
 
     def _prefill_evicting(self, seq: Sequence) -> None:
         """One chunk of an evicting prefill; after the last, its first token."""
@@ -256,22 +250,28 @@ class Engine:
         budget = self.config.kv_budget if request.kv_budget is None else request.kv_budget
         return eviction_for(policy, budget, self.config.kv_window)
 
-    def _decode_batch(self, seqs: list[Sequence]) -> None:
-        """Draft (sized for the whole batch), one forward, then verify and accept per sequence."""
+    def _step(self, seqs: list[Sequence], prefilling: list[Sequence] = ()) -> None:
+        """One forward: a decode step for `seqs` (draft, sized for the whole step, then verify
+        and accept per sequence) and the next prefill chunk of each of `prefilling`."""
         start = time.perf_counter()
+        prefill_parts = [self._prefill_rows(seq) for seq in prefilling]
+        extra_rows = sum(p.input_ids.numel() for p in prefill_parts)
         speculating = self.speculator is not None and any(s.lookahead for s in seqs)
-        trees = self.speculator.plan(self.runner, seqs) if speculating else [DraftTree.empty()] * len(seqs)
+        trees = self.speculator.plan(self.runner, seqs, extra_rows) if speculating else [DraftTree.empty()] * len(seqs)
         parts = []
         for seq, tree in zip(seqs, trees, strict=True):
             packed = pack(tree, seq.pending_token, seq.logical_len)
             parts.append(StepRows(packed.input_ids, packed.position_ids, packed.tree_mask if len(tree) else None))
         forward_start = time.perf_counter()
-        logits = self.runner.step_batch([s.cache for s in seqs], parts)
+        logits = self.runner.step_batch([s.cache for s in [*seqs, *prefilling]], parts + prefill_parts)
+        elapsed = time.perf_counter() - forward_start
         if speculating:
-            # the padded batch computes B rows per tree row (see allocate)
-            self.speculator.observe(len(trees) * max(len(t) + 1 for t in trees), time.perf_counter() - forward_start)
+            # the flattened batch computes one row per sequence and draft node, plus the chunks
+            self.speculator.observe(sum(len(t) + 1 for t in trees) + extra_rows, elapsed)
+        for seq, rows in zip(prefilling, logits[len(seqs) :], strict=True):
+            self._prefilled_chunk(seq, rows, elapsed)
         emitted = 0
-        for seq, tree, rows in zip(seqs, trees, logits, strict=True):
+        for seq, tree, rows in zip(seqs, trees, logits, strict=False):
             if seq.lookahead:
                 tokens, accepted = self.speculator.accept(seq, tree, rows)
             else:
@@ -287,7 +287,7 @@ class Engine:
             seq.stats.decode_s += time.perf_counter() - start
             if self.metrics is not None:
                 self.metrics.step(len(tree), accepted, used)
-        if speculating:
+        if speculating and not prefilling:  # a step carrying a chunk says nothing about drafting's payoff
             self.speculator.outcome(len(seqs), any(len(t) for t in trees), emitted, time.perf_counter() - start)
 
 

@@ -32,7 +32,7 @@ from trieserve.kernels.dispatch import use_triton
 from trieserve.kernels.tree_attention import attention_forward as kernel_attention_forward
 from trieserve.kernels.tree_attention import pack_ancestor_mask
 from trieserve.server import matmul
-from trieserve.server.batch import BatchCache, StepRows, pad_rows
+from trieserve.server.batch import BatchCache, StepRows, flatten_rows, row_offsets
 
 ATTENTION_NAME = "trieserve"
 
@@ -71,19 +71,26 @@ def tree_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, 
 
 
 def _per_sequence_attention(module, query, keys, values, scaling, kwargs):
-    """query [B, Hq, T_max, D] (padded); keys/values: per-sequence [1, Hkv, S_b, D]. Padded query
-    rows get zeros (their outputs are never read)."""
+    """query [1, Hq, N, D] (flattened rows, see server/batch.py); keys/values: per-sequence
+    [1, Hkv, S_b, D]. Returns [1, N, Hq, D]."""
     rows, masks = kwargs["batch_rows"], kwargs["batch_tree_masks"]
-    out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
-    for b, (t, mask) in enumerate(zip(rows, masks, strict=True)):
-        extra = {}
-        if mask is not None:
-            extra["tree_mask"] = mask
-            if use_triton(query):
-                extra["anc_bits"] = pack_ancestor_mask(mask.unsqueeze(0))
-        o, _ = tree_sdpa_attention(module, query[b : b + 1, :, :t], keys[b], values[b], None, scaling=scaling, **extra)
-        out[b, :t] = o[0]
+    if len(rows) == 1:
+        extra = _mask_kwargs(masks[0], query)
+        return tree_sdpa_attention(module, query, keys[0], values[0], None, scaling=scaling, **extra)
+    out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
+    for lo, t, key, value, mask in zip(row_offsets(rows), rows, keys, values, masks, strict=True):
+        extra = _mask_kwargs(mask, query)
+        o, _ = tree_sdpa_attention(module, query[:, :, lo : lo + t], key, value, None, scaling=scaling, **extra)
+        out[:, lo : lo + t] = o
     return out, None
+
+
+def _mask_kwargs(mask: torch.Tensor | None, query: torch.Tensor) -> dict:
+    if mask is None:
+        return {}
+    if use_triton(query):
+        return {"tree_mask": mask, "anc_bits": pack_ancestor_mask(mask.unsqueeze(0))}
+    return {"tree_mask": mask}
 
 
 AttentionInterface.register(ATTENTION_NAME, tree_sdpa_attention)
@@ -199,7 +206,7 @@ class ModelRunner:
     def step_batch(self, caches: list[KVCache], parts: list[StepRows]) -> list[torch.Tensor]:
         """One forward over several sequences' new rows (see server/batch.py for the layout).
         Returns fp32 logits [T_b, V] per sequence (only `logits_rows` when a part sets it)."""
-        ids, pos, rows = pad_rows(parts, self.device)
+        ids, pos, rows = flatten_rows(parts, self.device)
         masks = [None if p.tree_mask is None or p.input_ids.numel() == 1 else p.tree_mask.to(self.device) for p in parts]
         hidden = self.model.base_model(
             input_ids=ids,
@@ -210,9 +217,9 @@ class ModelRunner:
             batch_tree_masks=masks,
         ).last_hidden_state
         picked = []
-        for b, p in enumerate(parts):
-            sl = p.logits_rows if p.logits_rows is not None else slice(0, rows[b])
-            picked.append(hidden[b, sl])
+        for lo, t, p in zip(row_offsets(rows), rows, parts, strict=True):
+            sl = p.logits_rows if p.logits_rows is not None else slice(0, t)
+            picked.append(hidden[0, lo + sl.start : lo + sl.stop])
         logits = self.model.get_output_embeddings()(torch.cat(picked)).float()
         return list(logits.split([t.shape[0] for t in picked]))
 

@@ -22,6 +22,7 @@ drafting the step is a plain one-row forward, so the worst case is plain decodin
 from __future__ import annotations
 
 import bisect
+import heapq
 import json
 import logging
 import time
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 COST_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # A new sequence trusts the trie counts at least this much. Low enough that a busy batch, where
-# every padded row is expensive, does not draft on a prior the workload has already disproved;
+# every extra row is expensive, does not draft on a prior the workload has already disproved;
 # high enough that a lone request with confident counts still tries a small (nearly free) tree,
 # so the prior can recover when the workload changes.
 PRIOR_FLOOR = 0.15
@@ -232,15 +233,16 @@ class Speculator:
             self.store.save(self.trie_path)
 
     # -- the decode step: plan (draft + size), then accept after the batched forward -----------
-    def plan(self, runner, seqs: list) -> list[DraftTree]:
+    def plan(self, runner, seqs: list, extra_rows: int = 0) -> list[DraftTree]:
         """Draft trees for one batched step, one per sequence (empty for sequences not
         speculating), sized together so the whole step maximises expected tokens per second
-        (see `allocate`). When not even trees certain to be accepted could pay for their rows
-        in this batch, no sequence drafts and the tries are not searched at all."""
+        (see `allocate`); `extra_rows` ride in the same forward (prefill chunks). When not even
+        trees certain to be accepted could pay for their rows in this step, no sequence drafts
+        and the tries are not searched at all."""
         if self.cost is None:  # lookahead off by default: measured when first asked for
             rows = self.decoding_length + 1
             self.cost = StepCost.cached(runner, rows, self.cost_path) if self.cost_path else StepCost.measure(runner, rows)
-        if self.adaptive and not (self._could_pay(seqs) and self.payoff.allows(len(seqs))):
+        if self.adaptive and not (self._could_pay(seqs, extra_rows) and (extra_rows or self.payoff.allows(len(seqs)))):
             for seq in seqs:
                 if seq.lookahead:
                     self._stream_output(seq)
@@ -252,10 +254,10 @@ class Speculator:
             _marginals(accepted_curve(t, seq.state["lookahead"].calibration.scale())) if len(t) else []
             for t, seq in zip(trees, seqs, strict=True)
         ]
-        keep = allocate(curves, self.cost)
+        keep = allocate(curves, self.cost, self.decoding_length, extra_rows)
         return [tree.top(k) for tree, k in zip(trees, keep, strict=True)]
 
-    def _could_pay(self, seqs: list) -> bool:
+    def _could_pay(self, seqs: list, extra_rows: int = 0) -> bool:
         """An upper bound on what drafting can gain this step: every sequence's tree as good as
         a tree can be under its calibration (each depth d promised twice over at scale[d], the
         most a tree with shorter-match branches can promise per depth). If even that loses to a
@@ -267,7 +269,7 @@ class Speculator:
                 continue
             scale = seq.state["lookahead"].calibration.scale()
             best.append(sorted((s for s in scale for _ in range(2)), reverse=True)[: self.decoding_length])
-        return any(allocate(best, self.cost))
+        return any(allocate(best, self.cost, self.decoding_length, extra_rows))
 
     def _stream_output(self, seq) -> None:
         """Insert the sequence's output tokens not yet in the shared store."""
@@ -316,25 +318,38 @@ class Speculator:
         self.payoff.observe(seqs, drafted, tokens, seconds)
 
 
-def allocate(marginals: list[list[float]], cost) -> list[int]:
+def allocate(marginals: list[list[float]], cost, limit: int | None = None, extra_rows: int = 0) -> list[int]:
     """Draft nodes to keep per sequence for one batched step. marginals[b][i]: expected extra
-    accepted tokens from sequence b's (i+1)-th best node (non-increasing); cost(rows): seconds
-    of a forward over that many rows.
+    accepted tokens from sequence b's (i+1)-th best node; cost(rows): seconds of a forward over
+    that many rows; limit: at most this many draft nodes in the whole step; extra_rows: rows the
+    forward carries anyway (prefill chunks), which make draft rows cheaper at the margin.
 
-    A batched step is a padded [B, 1 + k] batch (server/batch.py): its linear layers, nearly
-    all the compute, run over B * (1 + k) rows where k is the largest tree in the step, so a
-    tree for one sequence costs a row for every sequence. Every sequence therefore keeps up to
-    the same k nodes, and k maximises (B + sum of kept marginals) / cost(B * (1 + k)); k = 0
-    (no draft) is always a candidate. With one sequence this is the single-request budget."""
+    A batched step is a flattened row batch (server/batch.py): its linear layers, nearly all
+    the compute, run over B + n rows for n draft nodes in all, wherever they are. So each total
+    n is best spent on the n best nodes of the whole batch (taken in each sequence's own order,
+    so every kept tree is a prefix of its ranking), and n maximises
+    (B + kept marginals) / cost(B + extra_rows + n); n = 0 (no draft) is always a candidate. A good tree in
+    a busy batch is paid for by its own rows only. With one sequence this is the single-request
+    budget."""
     base = len(marginals)
-    best_k, best_rate = 0, base / cost(base)
-    total = 0.0
-    for k in range(1, max((len(m) for m in marginals), default=0) + 1):
-        total += sum(m[k - 1] for m in marginals if len(m) >= k)
-        rate = (base + total) / cost(base * (1 + k))
+    limit = sum(len(m) for m in marginals) if limit is None else limit
+    heap = [(-m[0], b, 0) for b, m in enumerate(marginals) if m]
+    heapq.heapify(heap)
+    order: list[int] = []  # which sequence's next node each added row is
+    best_n, best_rate, total = 0, base / cost(base + extra_rows), 0.0
+    while heap and len(order) < limit:
+        gain, b, i = heapq.heappop(heap)
+        total -= gain
+        order.append(b)
+        if i + 1 < len(marginals[b]):
+            heapq.heappush(heap, (-marginals[b][i + 1], b, i + 1))
+        rate = (base + total) / cost(base + extra_rows + len(order))
         if rate > best_rate:
-            best_k, best_rate = k, rate
-    return [min(best_k, len(m)) for m in marginals]
+            best_n, best_rate = len(order), rate
+    keep = [0] * base
+    for b in order[:best_n]:
+        keep[b] += 1
+    return keep
 
 
 def _ladder(max_rows: int) -> list[int]:

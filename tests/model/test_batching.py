@@ -144,3 +144,41 @@ def test_short_prompts_waiting_together_are_prefilled_in_one_round(runner, token
         engine._round()
         rounds += 1
     assert rounds == 3
+
+
+def test_decode_rows_ride_in_the_prefill_chunk_s_forward(runner, tokenizer):
+    """A round with both a running sequence and a prompt still prefilling is one forward that
+    carries the decode row and the chunk: the running stream gains a token in every round of
+    the other's prefill, and its tokens are the ones it produces alone."""
+    from trieserve.server.engine import Engine, EngineConfig
+
+    engine = Engine(runner, tokenizer, EngineConfig(max_num_seqs=4, lookahead=False))  # not started: rounds by hand
+    count = tokenizer.encode("Count: 1, 2, 3,")
+    alone = engine.submit(GenerationRequest(count, 6, SamplingParams(temperature=0), ignore_eos=True), lambda ev: None)
+    engine._admit()
+    while not alone.done:
+        engine._round()
+    expected = list(alone.output_ids)
+    engine._end(alone)
+
+    calls = []
+    step_batch = runner.step_batch
+    runner.step_batch = lambda caches, parts: calls.append([p.input_ids.numel() for p in parts]) or step_batch(caches, parts)
+    try:
+        running = engine.submit(GenerationRequest(count, 6, SamplingParams(temperature=0), ignore_eos=True), lambda ev: None)
+        engine._admit()
+        engine._round()  # its own prefill
+        long = tokenizer.encode(inspect.getsource(json.dumps))[:150]  # 3 chunks of 64
+        slow = engine.submit(GenerationRequest(long, 2, SamplingParams(temperature=0)), lambda ev: None)
+        engine._admit()
+        calls.clear()
+        for _ in range(3):
+            engine._round()
+        assert slow.prefilled
+        assert calls == [[1, 64], [1, 64], [1, 22]], calls  # one forward per round: decode row + chunk
+        assert len(running.output_ids) == 4  # its first token, then one per round
+        while not running.done:
+            engine._round()
+        assert running.output_ids == expected
+    finally:
+        runner.step_batch = step_batch

@@ -28,22 +28,42 @@ def test_confident_drafts_pay_on_flat_costs():
     assert keep == [4, 2]  # flat cost: every node is worth its row
 
 
-def test_batch_allocation_sizes_one_tree_depth_for_the_padded_batch():
+def test_batch_allocation_spends_rows_on_the_best_nodes_of_the_whole_batch():
     cost = StepCost([1, 2, 5, 8], [1.0, 1.0, 1.06, 2.0])
-    # k=1 pads to 3 x 2 = 6 rows (cost 1.37) and gains 0.9 + 0.8; k=2 would pay 9 rows for 0.75 more
+    # 3 + n rows: n=2 (0.9 and 0.8) costs 1.06 for 1.7 more tokens; a third node (0.7) would
+    # take the step to 6 rows, 1.37
     keep = allocate([[0.9, 0.05], [0.8, 0.7], []], cost)
     assert keep == [1, 1, 0]
 
 
-def test_one_drafting_sequence_does_not_pad_a_big_batch_on_a_cpu():
-    """On a CPU a forward's cost grows with its rows: one good tree in a batch of eight costs
-    eight rows per tree row, so the batch decodes plainly; alone, the same tree pays."""
+def test_batch_allocation_keeps_each_sequence_s_order():
+    flat = StepCost([1, 64], [1.0, 1.0])
+    # sequence 0's second node is worth more than its first (a ranking quirk), but a node comes
+    # only after the ones ranked above it: with room for two, the picks are 0.6 then 0.5
+    keep = allocate([[0.5, 0.9], [0.6]], flat, limit=2)
+    assert keep == [1, 1]
+    assert allocate([[0.5, 0.9], [0.6]], flat, limit=3) == [2, 1]
+
+
+def test_batch_allocation_respects_the_step_limit():
+    flat = StepCost([1, 64], [1.0, 1.0])
+    keep = allocate([[0.9] * 10, [0.8] * 10, [0.7] * 10], flat, limit=12)
+    assert sum(keep) == 12 and keep == [10, 2, 0]
+
+
+def test_one_drafting_sequence_pays_for_its_own_rows_in_a_big_batch():
+    """The flattened batch: one good tree in a batch of eight costs its own rows only (not one
+    row per sequence per tree row), so it still drafts; a poor tree does not."""
     cpu = StepCost([1, 2, 4, 8, 16, 32, 64, 128], [1.0, 1.2, 1.4, 1.8, 2.4, 3.6, 6.0, 11.0])
     good = [0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5]
     assert allocate([good], cpu)[0] >= 4
-    assert allocate([good] + [[]] * 7, cpu) == [0] * 8
-    # when every sequence has a good tree, the padded rows are all useful and drafting pays again
-    assert min(allocate([good] * 8, cpu)) >= 1
+    keep = allocate([good] + [[]] * 7, cpu)
+    assert keep[0] >= 4 and keep[1:] == [0] * 7
+    poor = [0.1, 0.05, 0.02]
+    assert allocate([poor] + [[]] * 7, cpu) == [0] * 8
+    # every sequence with a good tree: the rows go to the best nodes across the batch
+    keep = allocate([good] * 8, cpu)
+    assert min(keep) >= 1 and max(keep) - min(keep) <= 1
 
 
 def test_new_sequences_start_from_the_server_wide_calibration():
@@ -149,3 +169,12 @@ def test_payoff_switches_drafting_off_where_it_loses_but_keeps_exploring():
     for _ in range(60):  # the workload changes: drafting now wins at 8 too
         payoff.observe(8, drafted=True, tokens=20, seconds=0.3)
     assert payoff.allows(8) and payoff.allows(8)
+
+
+def test_draft_rows_riding_on_a_prefill_chunk_cost_little():
+    """A forward that carries a 64-row prefill chunk anyway makes a modest tree worth its rows
+    where, in a bare one-row step on the same cost curve, it is not."""
+    cpu = StepCost([1, 2, 4, 8, 16, 32, 64, 128], [1.0, 1.9, 2.0, 2.2, 2.6, 3.6, 6.0, 11.0])
+    modest = [0.3, 0.2, 0.1]
+    assert allocate([modest], cpu) == [0]
+    assert allocate([modest], cpu, extra_rows=64)[0] >= 1
