@@ -36,7 +36,10 @@ from trieserve.decoding.verify import verify_greedy, verify_sampling
 
 log = logging.getLogger(__name__)
 
-COST_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Every size up to 10 rows: a batched step's rows start at one per sequence, and on a CPU the
+# cost curve has steps there (a BLAS kernel switching at 8 or 9 rows) that interpolating
+# between 8 and 16 would smooth away. Coarser above, where the curve is close to linear.
+COST_LADDER = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 20, 24, 32, 48, 64, 96, 128, 192, 256)
 # A new sequence trusts the trie counts at least this much. Low enough that a busy batch, where
 # every extra row is expensive, does not draft on a prior the workload has already disproved;
 # high enough that a lone request with confident counts still tries a small (nearly free) tree,
