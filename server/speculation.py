@@ -154,14 +154,18 @@ class Payoff:
     """What drafting really delivers, per batch size: tokens per second of steps that verified a
     draft against steps that did not (exponential averages of tokens and of seconds). The budget
     predicts from estimates; this checks the prediction. Where drafting steps have been slower
-    than plain ones at this batch size, only every `explore`-th step may draft, so the check
-    keeps learning (the workload or the load may change) while a loss is capped."""
+    than plain ones at this batch size, a step may draft only after `explore` held-back steps,
+    so the check keeps learning (the workload or the load may change) while a loss is capped;
+    each exploring step that confirms the loss doubles that wait (up to `max_explore`), so a
+    workload where drafting keeps losing pays for exploring less and less, and a win resets it."""
 
-    def __init__(self, alpha: float = 0.1, explore: int = 8) -> None:
+    def __init__(self, alpha: float = 0.1, explore: int = 8, max_explore: int = 128) -> None:
         self.alpha = alpha
         self.explore = explore
+        self.max_explore = max_explore
         self.stats: dict[int, list[list[float] | None]] = {}  # batch size -> [plain, draft] [tokens, seconds]
         self.skipped: dict[int, int] = {}
+        self.wait: dict[int, int] = {}  # batch size -> held-back steps before the next exploring one
 
     def observe(self, seqs: int, drafted: bool, tokens: int, seconds: float) -> None:
         pair = self.stats.setdefault(seqs, [None, None])
@@ -171,6 +175,11 @@ class Payoff:
         else:
             pair[i][0] += self.alpha * (tokens - pair[i][0])
             pair[i][1] += self.alpha * (seconds - pair[i][1])
+        if drafted:
+            rates = self.rates(seqs)
+            losing = rates is not None and rates[1] < rates[0]
+            wait = self.wait.get(seqs, self.explore)
+            self.wait[seqs] = min(2 * wait, self.max_explore) if losing else self.explore
 
     def rates(self, seqs: int) -> tuple[float, float] | None:
         """(plain, drafting) tokens per second at this batch size, once both were seen."""
@@ -185,7 +194,10 @@ class Payoff:
         if rates is None or rates[1] >= rates[0]:
             return True
         self.skipped[seqs] = self.skipped.get(seqs, 0) + 1
-        return self.skipped[seqs] % self.explore == 0
+        if self.skipped[seqs] < self.wait.get(seqs, self.explore):
+            return False
+        self.skipped[seqs] = 0
+        return True
 
 
 @dataclass

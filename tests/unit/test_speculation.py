@@ -156,19 +156,25 @@ def test_no_trie_search_when_no_draft_could_pay_for_the_batch():
 def test_payoff_switches_drafting_off_where_it_loses_but_keeps_exploring():
     from trieserve.server.speculation import Payoff
 
-    payoff = Payoff(explore=4)
+    payoff = Payoff(explore=4, max_explore=16)
     assert payoff.allows(8)  # nothing seen yet
     for _ in range(20):
         payoff.observe(8, drafted=False, tokens=8, seconds=0.2)  # 40 tok/s plain
-        payoff.observe(8, drafted=True, tokens=9, seconds=0.3)  # 30 tok/s drafting
         payoff.observe(1, drafted=False, tokens=1, seconds=0.1)  # 10 tok/s plain
         payoff.observe(1, drafted=True, tokens=3, seconds=0.12)  # 25 tok/s drafting
+    payoff.observe(8, drafted=True, tokens=9, seconds=0.3)  # 30 tok/s drafting: a loss
     assert payoff.rates(8) == pytest.approx((40.0, 30.0))
-    assert [payoff.allows(8) for _ in range(8)] == [False, False, False, True] * 2
+    allowed = []
+    for _ in range(64):  # each exploring step confirms the loss: the wait doubles, 8 then 16 (the cap)
+        allowed.append(payoff.allows(8))
+        if allowed[-1]:
+            payoff.observe(8, drafted=True, tokens=9, seconds=0.3)
+    assert [i for i, a in enumerate(allowed) if a] == [7, 23, 39, 55]
     assert all(payoff.allows(1) for _ in range(8))  # where drafting wins it is never held back
     for _ in range(60):  # the workload changes: drafting now wins at 8 too
         payoff.observe(8, drafted=True, tokens=20, seconds=0.3)
     assert payoff.allows(8) and payoff.allows(8)
+    assert payoff.wait[8] == 4  # and a later loss starts exploring at the short wait again
 
 
 def test_draft_rows_riding_on_a_prefill_chunk_cost_little():
