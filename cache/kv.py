@@ -141,6 +141,8 @@ class KVCache(Cache):
 
     def truncate_new(self, n_new: int, keep: int) -> None:
         """After a step that appended `n_new` rows to every layer, keep only the first `keep` of them."""
+        if keep == n_new:  # a plain step, or a whole chain accepted: nothing to drop
+            return
         for layer in self.layers:
             layer.truncate(layer.length - n_new + keep)
 

@@ -13,7 +13,11 @@ Output tokens come from `usage.completion_tokens`, never from counting chunks. W
 target is trieserve, a /metrics scrape before and after each run adds tokens per forward,
 draft acceptance and KV kept/seen (falling back to the responses' `stats` objects).
 
-Each run (sweep point, compare arm) gets its own prompts from one seeded stream unless
+With --rounds N, the arms of each point alternate in N rounds (off, on, on, off, ...) and
+each arm's rounds add up to its record: on a shared machine whose speed drifts over minutes,
+a comparison then does not depend on which arm happened to run in the faster minutes.
+
+Each run (sweep point, compare arm, round) gets its own prompts from one seeded stream unless
 --reuse-prompts: the server's trie keeps what it generated, so replaying the same prompts
 would let a later run draft from an earlier run's outputs.
 """
@@ -637,6 +641,7 @@ class Plan:
     seed: int = 0
     reuse_prompts: bool = False
     max_duration: float | None = None
+    rounds: int = 1  # arms alternate in this many rounds per load point (see run_plan)
     metrics_url: str | None = None
     percentiles: tuple[float, ...] = (90, 99)
     progress: bool = True
@@ -644,52 +649,78 @@ class Plan:
 
 
 async def run_plan(client: httpx.AsyncClient, target: Target, plan: Plan, report: bool = True) -> list[dict]:
-    """Run every (load point, arm) in order, each after its own warm-up; one record per run."""
-    per_run = plan.num_warmup + plan.num_prompts
+    """Run every load point with every arm, one record per (point, arm). With `rounds` > 1 the
+    arms of a point alternate in rounds (ABBA order: off, on, on, off, ...), each round with its
+    share of the prompts and of `max_duration`, and each arm's rounds are summed into its
+    record, so a machine that speeds up or slows down during the run biases no arm. The
+    warm-up runs once per point and arm, before the first round."""
+    rounds = max(1, plan.rounds)
+    per_round = math.ceil(plan.num_prompts / rounds)
     n_runs = len(plan.points) * len(plan.arms)
     pool = make_prompts(
         plan.dataset,
-        per_run * (1 if plan.reuse_prompts else n_runs),
+        (plan.num_warmup + per_round * rounds) * (1 if plan.reuse_prompts else n_runs),
         seed=plan.seed,
         input_len=plan.input_len,
         dataset_path=plan.dataset_path,
     )
+    used = 0
+
+    def take(n: int) -> list[str]:
+        nonlocal used
+        if plan.reuse_prompts:
+            return pool[:n]
+        out, used = pool[used : used + n], used + n
+        return out
+
     records = []
-    for i, (point, arm) in enumerate((p, a) for p in plan.points for a in plan.arms):
-        prompts = pool[(0 if plan.reuse_prompts else i) * per_run :][:per_run]
-        warmup, measured = prompts[: plan.num_warmup], prompts[plan.num_warmup :]
-        desc = point.label + ("" if arm is None else f" lookahead={'on' if arm else 'off'}")
-        if warmup:
-            await run_load(
-                client, target, LoadPoint(concurrency=point.concurrency or 1), warmup, lookahead=arm
-            )
-        before = await scrape(client, plan.metrics_url)
-        results, duration = await run_load(
-            client,
-            target,
-            point,
-            measured,
-            lookahead=arm,
-            seed=plan.seed,
-            max_duration=plan.max_duration,
-            progress=plan.progress,
-            desc=desc,
-        )
-        after = await scrape(client, plan.metrics_url)
-        record = {
-            "label": point.label,
-            "concurrency": point.concurrency,
-            "request_rate": point.request_rate,
-            "burstiness": point.burstiness,
-            "lookahead": arm,
-            **summarize(results, duration, plan.percentiles),
-        }
-        record.update(server_figures(before, after) or stats_figures(results))
-        if plan.save_detailed:
-            record["requests"] = [asdict(r) for r in results]
-        records.append(record)
-        if report:
-            print(format_run(record, plan.percentiles, title=desc), flush=True)
+    for point in plan.points:
+        runs: dict[bool | None, dict] = {arm: {"results": [], "duration": 0.0, "counters": {}} for arm in plan.arms}
+        for r in range(rounds):
+            for arm in plan.arms if r % 2 == 0 else plan.arms[::-1]:
+                desc = point.label + ("" if arm is None else f" lookahead={'on' if arm else 'off'}")
+                if rounds > 1:
+                    desc += f" round {r + 1}/{rounds}"
+                if r == 0 and plan.num_warmup:
+                    warmup = LoadPoint(concurrency=point.concurrency or 1)
+                    await run_load(client, target, warmup, take(plan.num_warmup), lookahead=arm)
+                measured = take(per_round)[: max(0, plan.num_prompts - r * per_round)]
+                before = await scrape(client, plan.metrics_url)
+                results, duration = await run_load(
+                    client,
+                    target,
+                    point,
+                    measured,
+                    lookahead=arm,
+                    seed=plan.seed + r,
+                    max_duration=None if plan.max_duration is None else plan.max_duration / rounds,
+                    progress=plan.progress,
+                    desc=desc,
+                )
+                after = await scrape(client, plan.metrics_url)
+                run = runs[arm]
+                run["results"] += results
+                run["duration"] += duration
+                for key, value in after.items():
+                    run["counters"][key] = run["counters"].get(key, 0.0) + value - before.get(key, 0.0)
+        for arm in plan.arms:
+            run = runs[arm]
+            record = {
+                "label": point.label,
+                "concurrency": point.concurrency,
+                "request_rate": point.request_rate,
+                "burstiness": point.burstiness,
+                "lookahead": arm,
+                "rounds": rounds,
+                **summarize(run["results"], run["duration"], plan.percentiles),
+            }
+            record.update(server_figures({}, run["counters"]) or stats_figures(run["results"]))
+            if plan.save_detailed:
+                record["requests"] = [asdict(x) for x in run["results"]]
+            records.append(record)
+            if report:
+                desc = point.label + ("" if arm is None else f" lookahead={'on' if arm else 'off'}")
+                print(format_run(record, plan.percentiles, title=desc), flush=True)
     return records
 
 
@@ -936,6 +967,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-duration", type=float, help="stop sending new requests after this many seconds per run"
     )
     g.add_argument("--compare", action="store_true", help="run every point with lookahead off, then on")
+    g.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="split each point's prompts (and --max-duration) into N rounds in which the arms "
+        "alternate (off, on, on, off, ...), so drift in machine speed biases neither arm",
+    )
     g = p.add_argument_group("output")
     g.add_argument("--percentiles", type=_list(float), default=[90.0, 99.0], help="e.g. 50,90,99")
     g.add_argument("--output-json", help="write config, every run and comparisons to this file")
@@ -955,6 +993,8 @@ def plan_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     for name in ("num_prompts", "input_len", "max_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     if args.num_warmup < 0 or (args.concurrency is not None and args.concurrency < 1):
         parser.error("--num-warmup must be >= 0 and --concurrency >= 1")
     if args.request_rate is not None and not args.request_rate > 0:
@@ -983,6 +1023,7 @@ def plan_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         percentiles=tuple(args.percentiles),
         progress=not args.no_progress,
         save_detailed=args.save_detailed,
+        rounds=args.rounds,
         **{k: getattr(args, k) for k in fields},
     )
 

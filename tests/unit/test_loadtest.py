@@ -466,6 +466,28 @@ def test_cli_compare_sweep_end_to_end(fake_server, tmp_path, capsys):
     assert "Output token throughput (tok/s):" in printed and "out tok/s on/off" in printed
 
 
+def test_cli_rounds_alternate_the_arms_and_sum_into_one_record(fake_server, tmp_path):
+    url, state = fake_server
+    state.reset()
+    out = tmp_path / "result.json"
+    argv = [
+        "--base-url", f"{url}/v1", "--dataset", "chat", "--num-prompts", "6", "--num-warmup", "1",
+        "--max-tokens", "7", "--concurrency", "1", "--compare", "--rounds", "3", "--output-json", str(out),
+        "--no-progress",
+    ]  # fmt: skip
+    assert lt.main(argv) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["lookahead"] for r in runs] == [False, True]
+    for r in runs:  # three rounds of two requests each, summed
+        assert r["rounds"] == 3 and r["completed"] == 6 and r["total_output_tokens"] == 42
+        assert r["generation_tokens"] == 42  # the server's counters summed over the rounds
+        assert r["tokens_per_forward"] == pytest.approx(7 / 3)
+        assert r["output_throughput"] == pytest.approx(42 / r["duration"])
+    # warm-ups first (off, on), then ABBA rounds: off on | on off | off on
+    flags = [b["lookahead"] for b in state.bodies]
+    assert flags == [False, False, False, True, True, True, True, True, False, False, False, False, True, True]
+
+
 def test_cli_plot_without_or_with_matplotlib(fake_server, tmp_path, capsys):
     url, _ = fake_server
     png = tmp_path / "sweep.png"
