@@ -995,6 +995,13 @@ def plan_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
+    widest = max(args.sweep_concurrency or [args.concurrency or 1])
+    if args.rounds > 1 and math.ceil(args.num_prompts / args.rounds) < 2 * widest:
+        print(
+            f"warning: {math.ceil(args.num_prompts / args.rounds)} prompts per round cannot keep "
+            f"concurrency {widest} busy for more than one wave; raise --num-prompts or lower --rounds",
+            file=sys.stderr,
+        )
     if args.num_warmup < 0 or (args.concurrency is not None and args.concurrency < 1):
         parser.error("--num-warmup must be >= 0 and --concurrency >= 1")
     if args.request_rate is not None and not args.request_rate > 0:

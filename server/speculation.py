@@ -257,7 +257,9 @@ class Speculator:
         if self.cost is None:  # lookahead off by default: measured when first asked for
             rows = self.decoding_length + 1
             self.cost = StepCost.cached(runner, rows, self.cost_path) if self.cost_path else StepCost.measure(runner, rows)
-        if self.adaptive and not (self._could_pay(seqs, extra_rows) and (extra_rows or self.payoff.allows(len(seqs)))):
+        # the payoff check also holds back steps that carry a prefill chunk: their drafts look
+        # cheap next to the chunk's rows, but they are sized by the same estimates
+        if self.adaptive and not (self._could_pay(seqs, extra_rows) and self.payoff.allows(len(seqs))):
             for seq in seqs:
                 if seq.lookahead:
                     self._stream_output(seq)
