@@ -45,6 +45,11 @@ COST_LADDER = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 20, 24, 32, 48, 64, 96
 # high enough that a lone request with confident counts still tries a small (nearly free) tree,
 # so the prior can recover when the workload changes.
 PRIOR_FLOOR = 0.15
+# In a batched step a draft must promise this much more than the plain step's tokens per second.
+# A batch's plain step is already efficient (many rows for little more than one row's cost), so
+# drafts there are often near break-even; the estimates are optimistic often enough that a
+# break-even bet loses on average (measured: chat at concurrency 8 in docs/benchmarks.md).
+BATCH_MARGIN = 0.1
 
 
 class StepCost:
@@ -271,7 +276,7 @@ class Speculator:
             _marginals(accepted_curve(t, seq.state["lookahead"].calibration.scale())) if len(t) else []
             for t, seq in zip(trees, seqs, strict=True)
         ]
-        keep = allocate(curves, self.cost, self.decoding_length, extra_rows)
+        keep = allocate(curves, self.cost, self.decoding_length, extra_rows, _margin(seqs))
         return [tree.top(k) for tree, k in zip(trees, keep, strict=True)]
 
     def _could_pay(self, seqs: list, extra_rows: int = 0) -> bool:
@@ -286,7 +291,7 @@ class Speculator:
                 continue
             scale = seq.state["lookahead"].calibration.scale()
             best.append(sorted((s for s in scale for _ in range(2)), reverse=True)[: self.decoding_length])
-        return any(allocate(best, self.cost, self.decoding_length, extra_rows))
+        return any(allocate(best, self.cost, self.decoding_length, extra_rows, _margin(seqs)))
 
     def _stream_output(self, seq) -> None:
         """Insert the sequence's output tokens not yet in the shared store."""
@@ -335,11 +340,14 @@ class Speculator:
         self.payoff.observe(seqs, drafted, tokens, seconds)
 
 
-def allocate(marginals: list[list[float]], cost, limit: int | None = None, extra_rows: int = 0) -> list[int]:
+def allocate(
+    marginals: list[list[float]], cost, limit: int | None = None, extra_rows: int = 0, margin: float = 0.0
+) -> list[int]:
     """Draft nodes to keep per sequence for one batched step. marginals[b][i]: expected extra
     accepted tokens from sequence b's (i+1)-th best node; cost(rows): seconds of a forward over
     that many rows; limit: at most this many draft nodes in the whole step; extra_rows: rows the
-    forward carries anyway (prefill chunks), which make draft rows cheaper at the margin.
+    forward carries anyway (prefill chunks), which make draft rows cheaper at the margin;
+    margin: drafting must beat the plain step's rate by this fraction, or nothing is drafted.
 
     A batched step is a flattened row batch (server/batch.py): its linear layers, nearly all
     the compute, run over B + n rows for n draft nodes in all, wherever they are. So each total
@@ -353,7 +361,8 @@ def allocate(marginals: list[list[float]], cost, limit: int | None = None, extra
     heap = [(-m[0], b, 0) for b, m in enumerate(marginals) if m]
     heapq.heapify(heap)
     order: list[int] = []  # which sequence's next node each added row is
-    best_n, best_rate, total = 0, base / cost(base + extra_rows), 0.0
+    plain_rate = base / cost(base + extra_rows)
+    best_n, best_rate, total = 0, plain_rate * (1 + margin), 0.0
     while heap and len(order) < limit:
         gain, b, i = heapq.heappop(heap)
         total -= gain
@@ -367,6 +376,12 @@ def allocate(marginals: list[list[float]], cost, limit: int | None = None, extra
     for b in order[:best_n]:
         keep[b] += 1
     return keep
+
+
+def _margin(seqs: list) -> float:
+    """BATCH_MARGIN when more than one sequence shares the step; a lone request drafts whenever
+    the estimate says it pays (its plain step is one row: drafts there are rarely close calls)."""
+    return BATCH_MARGIN if len(seqs) > 1 else 0.0
 
 
 def _ladder(max_rows: int) -> list[int]:

@@ -184,3 +184,14 @@ def test_draft_rows_riding_on_a_prefill_chunk_cost_little():
     modest = [0.3, 0.2, 0.1]
     assert allocate([modest], cpu) == [0]
     assert allocate([modest], cpu, extra_rows=64)[0] >= 1
+
+
+def test_a_margin_blocks_near_break_even_drafts_only():
+    flat8 = StepCost([1, 8, 16], [1.0, 1.6, 2.0])
+    # 8 plain rows: 5 tok/s-units; two nodes (0.9 + 0.8 of a token) on 10 rows cost 1.7: 5.71 (+14%)
+    near = [[0.9, 0.8]] + [[]] * 7
+    assert sum(allocate(near, flat8)) == 2
+    assert sum(allocate(near, flat8, margin=0.1)) == 2  # 14% clears a 10% margin
+    assert sum(allocate(near, flat8, margin=0.2)) == 0  # not a 20% one
+    weak = [[0.5]] + [[]] * 7  # 8.5 / 1.65 = 5.15: +3%, a break-even bet
+    assert sum(allocate(weak, flat8)) == 1 and sum(allocate(weak, flat8, margin=0.1)) == 0
