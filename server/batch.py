@@ -36,11 +36,11 @@ class BatchCache(Cache):
     """A view of several sequences' caches as one transformers Cache for one forward over
     flattened rows: sequence b owns rows offsets[b] : offsets[b] + rows[b]."""
 
-    def __init__(self, caches: list[KVCache], rows: list[int]) -> None:
+    def __init__(self, caches: list[KVCache], rows: list[int], offsets: list[int]) -> None:
         super().__init__(layers=[])
         self.caches = caches
         self.rows = rows
-        self.offsets = row_offsets(rows)
+        self.offsets = offsets
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         """key/value_states [1, H, N, D] → per-sequence lists of all their cached rows."""

@@ -271,7 +271,7 @@ class Engine:
         for seq, rows in zip(prefilling, logits[len(seqs) :], strict=True):
             self._prefilled_chunk(seq, rows, elapsed)
         emitted = 0
-        for seq, tree, rows in zip(seqs, trees, logits, strict=False):
+        for seq, tree, rows in zip(seqs, trees, logits[: len(seqs)], strict=True):
             if seq.lookahead:
                 tokens, accepted = self.speculator.accept(seq, tree, rows)
             else:

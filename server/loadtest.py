@@ -678,7 +678,7 @@ async def run_plan(client: httpx.AsyncClient, target: Target, plan: Plan, report
         runs: dict[bool | None, dict] = {arm: {"results": [], "duration": 0.0, "counters": {}} for arm in plan.arms}
         for r in range(rounds):
             for arm in plan.arms if r % 2 == 0 else plan.arms[::-1]:
-                desc = point.label + ("" if arm is None else f" lookahead={'on' if arm else 'off'}")
+                desc = _run_label(point, arm)
                 if rounds > 1:
                     desc += f" round {r + 1}/{rounds}"
                 if r == 0 and plan.num_warmup:
@@ -719,9 +719,12 @@ async def run_plan(client: httpx.AsyncClient, target: Target, plan: Plan, report
                 record["requests"] = [asdict(x) for x in run["results"]]
             records.append(record)
             if report:
-                desc = point.label + ("" if arm is None else f" lookahead={'on' if arm else 'off'}")
-                print(format_run(record, plan.percentiles, title=desc), flush=True)
+                print(format_run(record, plan.percentiles, title=_run_label(point, arm)), flush=True)
     return records
+
+
+def _run_label(point: LoadPoint, arm: bool | None) -> str:
+    return point.label + ("" if arm is None else f" lookahead={'on' if arm else 'off'}")
 
 
 COMPARED = (

@@ -73,12 +73,12 @@ def tree_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, 
 def _per_sequence_attention(module, query, keys, values, scaling, kwargs):
     """query [1, Hq, N, D] (flattened rows, see server/batch.py); keys/values: per-sequence
     [1, Hkv, S_b, D]. Returns [1, N, Hq, D]."""
-    rows, masks = kwargs["batch_rows"], kwargs["batch_tree_masks"]
+    rows, offsets, masks = kwargs["batch_rows"], kwargs["batch_offsets"], kwargs["batch_tree_masks"]
     if len(rows) == 1:
         extra = _mask_kwargs(masks[0], query)
         return tree_sdpa_attention(module, query, keys[0], values[0], None, scaling=scaling, **extra)
     out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
-    for lo, t, key, value, mask in zip(row_offsets(rows), rows, keys, values, masks, strict=True):
+    for lo, t, key, value, mask in zip(offsets, rows, keys, values, masks, strict=True):
         extra = _mask_kwargs(mask, query)
         o, _ = tree_sdpa_attention(module, query[:, :, lo : lo + t], key, value, None, scaling=scaling, **extra)
         out[:, lo : lo + t] = o
@@ -207,17 +207,19 @@ class ModelRunner:
         """One forward over several sequences' new rows (see server/batch.py for the layout).
         Returns fp32 logits [T_b, V] per sequence (only `logits_rows` when a part sets it)."""
         ids, pos, rows = flatten_rows(parts, self.device)
+        offsets = row_offsets(rows)
         masks = [None if p.tree_mask is None or p.input_ids.numel() == 1 else p.tree_mask.to(self.device) for p in parts]
         hidden = self.model.base_model(
             input_ids=ids,
             position_ids=pos,
-            cache=BatchCache(caches, rows),
+            cache=BatchCache(caches, rows, offsets),
             use_cache=True,
             batch_rows=rows,
+            batch_offsets=offsets,
             batch_tree_masks=masks,
         ).last_hidden_state
         picked = []
-        for lo, t, p in zip(row_offsets(rows), rows, parts, strict=True):
+        for lo, t, p in zip(offsets, rows, parts, strict=True):
             sl = p.logits_rows if p.logits_rows is not None else slice(0, t)
             picked.append(hidden[0, lo + sl.start : lo + sl.stop])
         logits = self.model.get_output_embeddings()(torch.cat(picked)).float()

@@ -353,9 +353,9 @@ def allocate(
     the compute, run over B + n rows for n draft nodes in all, wherever they are. So each total
     n is best spent on the n best nodes of the whole batch (taken in each sequence's own order,
     so every kept tree is a prefix of its ranking), and n maximises
-    (B + kept marginals) / cost(B + extra_rows + n); n = 0 (no draft) is always a candidate. A good tree in
-    a busy batch is paid for by its own rows only. With one sequence this is the single-request
-    budget."""
+    (B + kept marginals) / cost(B + extra_rows + n); n = 0 (no draft) wins unless a draft beats
+    it by `margin`. A good tree in a busy batch is paid for by its own rows only. With one
+    sequence this is the single-request budget."""
     base = len(marginals)
     limit = sum(len(m) for m in marginals) if limit is None else limit
     heap = [(-m[0], b, 0) for b, m in enumerate(marginals) if m]

@@ -42,6 +42,8 @@ def test_batch_allocation_keeps_each_sequence_s_order():
     # only after the ones ranked above it: with room for two, the picks are 0.6 then 0.5
     keep = allocate([[0.5, 0.9], [0.6]], flat, limit=2)
     assert keep == [1, 1]
+    # with room for one, sequence 0's 0.9 is out of reach (it needs the 0.5 first): 0.6 wins
+    assert allocate([[0.5, 0.9], [0.6]], flat, limit=1) == [0, 1]
     assert allocate([[0.5, 0.9], [0.6]], flat, limit=3) == [2, 1]
 
 
