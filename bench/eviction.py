@@ -18,7 +18,9 @@ Tasks, all on real text that ships with Python (`pydoc_data.topics`, the languag
   full cache's own 24-token greedy continuation that the evicted cache reproduces, / 24.
 
 Quality loss = 1 - score / full-cache score per task; "overall" is the mean over passkey, kv,
-top1 and greedy. KV kept = cached rows after prefill / prompt rows (window included).
+top1 and greedy. KV kept = real cached entries after prefill / prompt rows (window included);
+KV memory = rows the cache holds / prompt rows, which under per-head budgets (adakv, defensive,
+layer_defensive) includes the padding of heads that keep fewer rows than their layer's largest.
 
 One-shot rows score each prompt once with the full cache, then compact a copy per policy and
 budget with the final observation window (trieserve.cache.eviction.compress, the runner's own
@@ -47,7 +49,7 @@ from trieserve.server.model import load_model, resolve_model_path
 from trieserve.server.runner import ModelRunner
 from trieserve.server.settings import Settings
 
-POLICIES = ("streaming", "snapkv", "defensive", "layer_defensive")
+POLICIES = ("streaming", "snapkv", "adakv", "defensive", "layer_defensive")
 TASKS = ("passkey", "kv", "top1", "greedy")
 DOCS = ("compound", "types", "specialnames", "formatstrings", "typesseq", "execmodel", "datamodel")
 NAMES = (
@@ -184,10 +186,17 @@ def run_one_shot(runner, sample: Sample, budgets, window: int) -> tuple[list[dic
             policy = make_policy(name)
             evicted = copy.deepcopy(cache)
             compress(evicted, policy, capture, Eviction(policy, budget, window).keep(n), window)
-            kept = sum(evicted.lengths()) / (n * len(evicted.layers))
+            kept, memory = kept_and_memory(evicted, n)
             metrics = score(runner, evicted, sample, last, ref)
-            rows.append({"mode": "one-shot", "policy": name, "budget": budget, "kept": kept, **metrics})
+            rows.append(
+                {"mode": "one-shot", "policy": name, "budget": budget, "kept": kept, "memory": memory, **metrics}
+            )
     return rows, ref
+
+
+def kept_and_memory(cache, n: int) -> tuple[float, float]:
+    """(real entries, rows held including padding) per layer and KV head, over the prompt's n."""
+    return cache.mean_length() / n, sum(cache.lengths()) / (n * len(cache.layers))
 
 
 def run_chunked(runner, sample: Sample, budget: float, window: int, ref: dict) -> list[dict]:
@@ -198,8 +207,8 @@ def run_chunked(runner, sample: Sample, budget: float, window: int, ref: dict) -
         last = runner.prefill(
             cache, sample.ids, eviction=Eviction(make_policy(name), budget, window), trace=trace
         )
-        kept = sum(cache.lengths()) / (n * len(cache.layers))
-        row = {"mode": "chunked", "policy": name, "budget": budget, "kept": kept}
+        kept, memory = kept_and_memory(cache, n)
+        row = {"mode": "chunked", "policy": name, "budget": budget, "kept": kept, "memory": memory}
         row["peak"] = trace.peak_bytes / (ref["row_bytes"] * n)
         rows.append({**row, **score(runner, cache, sample, last, ref)})
     return rows
@@ -218,6 +227,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for (mode, policy, budget), rs in groups.items():
         s = {"mode": mode, "policy": policy, "budget": budget, "kept": statistics.mean(r["kept"] for r in rs)}
+        s["memory"] = statistics.mean(r.get("memory", r["kept"]) for r in rs)
         if any("peak" in r for r in rs):
             s["peak"] = max(r["peak"] for r in rs)
         for t in (*TASKS, *extra):
@@ -236,7 +246,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def markdown(summary: list[dict]) -> str:
     head = (
-        "| mode | policy | budget | KV kept | peak KV | passkey | kv | top1 | greedy | KL | exact match passkey / kv "
+        "| mode | policy | budget | KV kept | KV memory | peak KV | passkey | kv | top1 | greedy | KL | exact match passkey / kv "
         "| loss passkey / kv / top1 / greedy | overall loss |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -244,7 +254,7 @@ def markdown(summary: list[dict]) -> str:
         pct = lambda x: f"{100 * x:.0f}%"  # noqa: E731
         cells = [
             s["mode"], s["policy"], "full" if s["policy"] == "full" else pct(s["budget"]), pct(s["kept"]),
-            pct(s["peak"]) if "peak" in s else "",
+            pct(s["memory"]), pct(s["peak"]) if "peak" in s else "",
             *(f"{s[t]:.2f}" if t in s else "" for t in TASKS),
             f"{s['kl']:.3f}" if "kl" in s else "",
             " / ".join(f"{s[t]:.2f}" if t in s else "-" for t in ("passkey_em", "kv_em")),

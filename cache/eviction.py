@@ -137,7 +137,8 @@ def compress(
     for i in layers:
         q_win = capture.queries.get(i) if capture is not None else None
         scaling = capture.scaling.get(i, 1.0) if capture is not None else 1.0
-        scores[i] = policy.score(q_win, cache.layers[i].keys, scaling, window)
+        layer = cache.layers[i]
+        scores[i] = policy.score(q_win, layer.keys, scaling, window, layer.valid_rows())
     plan = policy.plan(scores, keep, window)
     for i, index in plan.items():
         cache.layers[i].compact(index, reserve)

@@ -7,6 +7,11 @@ rows; eviction replaces a layer's buffers with the kept rows (memory really drop
 
 Layers may hold different lengths after layer-wise eviction: logical positions live with the
 sequence, not here, and attention sees exactly the rows each layer holds.
+
+Per-head budgets (AdaKV style: the KV heads of a layer keep different numbers of rows) pad every
+head to the layer's largest count; `valid` (bool [B, H, capacity]) marks the padding rows, which
+attention and later scoring must skip (`valid_rows()`). Memory counts the padding (`nbytes`);
+`kept_rows()` counts only real entries.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class GrowableLayer(DynamicLayer):
         # None: capacity doubles when full. After eviction, rows: grow by the rows needed plus
         # this many, so an evicted layer stays near its budget instead of doubling it.
         self.grow_by: int | None = None
+        self._valid: torch.Tensor | None = None  # bool [B, H, capacity]; None: every live row is real
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -43,6 +49,10 @@ class GrowableLayer(DynamicLayer):
         if self._k is not None and self.length:
             k[:, :, : self.length] = self._k[:, :, : self.length]
             v[:, :, : self.length] = self._v[:, :, : self.length]
+        if self._valid is not None:
+            valid = torch.ones(*bh, capacity, dtype=torch.bool, device=self.device)
+            valid[:, :, : self.length] = self._valid[:, :, : self.length]
+            self._valid = valid
         self._k, self._v = k, v
 
     @property
@@ -66,12 +76,24 @@ class GrowableLayer(DynamicLayer):
             self._allocate(self._k.shape[:2], self._k.shape[-1], capacity)
         self._k[:, :, self.length : self.length + n] = key_states
         self._v[:, :, self.length : self.length + n] = value_states
+        if self._valid is not None:  # new rows are real in every head (they may reuse padding slots)
+            self._valid[:, :, self.length : self.length + n] = True
         self.length += n
         self._sync_views()
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
         return self.length
+
+    def valid_rows(self) -> torch.Tensor | None:
+        """bool [B, H, length]: which live rows are real entries (False: a padding row of a head
+        that kept fewer rows than the layer holds); None when every row is real."""
+        return None if self._valid is None else self._valid[:, :, : self.length]
+
+    def kept_rows(self) -> float:
+        """Real entries per KV head, averaged over heads (and batch)."""
+        valid = self.valid_rows()
+        return float(self.length) if valid is None else valid.sum().item() / max(valid.shape[0] * valid.shape[1], 1)
 
     def truncate(self, length: int) -> None:
         """Drop rows from `length` on (rejected draft rows)."""
@@ -94,11 +116,14 @@ class GrowableLayer(DynamicLayer):
         # no_grad: the buffers are plain tensors and this runs outside the forward.
         self._k[:, :, start : start + k] = self._k.index_select(2, rows)
         self._v[:, :, start : start + k] = self._v.index_select(2, rows)
+        if self._valid is not None:  # the kept rows are new rows: real in every head
+            self._valid[:, :, start : start + k] = True
         self.truncate(start + k)
 
     def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Swap in compacted rows [B, H, K, D] (eviction): the old buffers are freed."""
         self._k, self._v = keys.contiguous(), values.contiguous()
+        self._valid = None
         self.length = keys.shape[2]
         self.device, self.dtype = keys.device, keys.dtype
         self.is_initialized = True
@@ -106,16 +131,25 @@ class GrowableLayer(DynamicLayer):
 
     @torch.no_grad()
     def compact(self, index: torch.Tensor, reserve: int = 0) -> None:
-        """Eviction: keep rows `index` (int64 [B, H, K], ascending per head) in new buffers of
-        capacity K + `reserve`; the old buffers are freed. Later growth adds the rows needed plus
-        max(reserve, MIN_CAPACITY) (see `grow_by`)."""
+        """Eviction: keep rows `index` (int64 [B, H, K], ascending per head; -1 marks a padding
+        slot of a head that keeps fewer rows) in new buffers of capacity K + `reserve`; the old
+        buffers are freed. Later growth adds the rows needed plus max(reserve, MIN_CAPACITY)
+        (see `grow_by`)."""
         B, H, K = index.shape
+        valid = index >= 0
+        old_valid = self.valid_rows()
+        if old_valid is not None:  # a padding row kept again stays padding
+            valid &= old_valid.gather(2, index.clamp(min=0).to(old_valid.device)).to(valid.device)
+        index = index.clamp(min=0)
         keys = torch.empty(B, H, K + reserve, self._k.shape[-1], dtype=self.dtype, device=self.device)
         values = torch.empty(B, H, K + reserve, self._v.shape[-1], dtype=self.dtype, device=self.device)
         compact_kv(
             self.keys, self.values, index.to(self.device), out_k=keys[:, :, :K], out_v=values[:, :, :K]
         )
         self.replace(keys, values)
+        if not bool(valid.all()):
+            self._valid = torch.ones(B, H, K + reserve, dtype=torch.bool, device=self.device)
+            self._valid[:, :, :K] = valid.to(self.device)
         self.truncate(K)
         self.grow_by = max(reserve, MIN_CAPACITY)
 
@@ -136,8 +170,8 @@ class KVCache(Cache):
         return [layer.length for layer in self.layers]
 
     def total_rows(self) -> int:
-        """Cached entries over all layers and KV heads (what `stats` reports as kept)."""
-        return sum(layer.length * (layer._k.shape[1] if layer._k is not None else 0) for layer in self.layers)
+        """Real cached entries over all layers and KV heads (padding rows not counted)."""
+        return round(sum(layer.kept_rows() * (layer._k.shape[1] if layer._k is not None else 0) for layer in self.layers))
 
     def truncate_new(self, n_new: int, keep: int) -> None:
         """After a step that appended `n_new` rows to every layer, keep only the first `keep` of them."""
@@ -162,5 +196,6 @@ class KVCache(Cache):
         return sum(layer.nbytes() for layer in self.layers)
 
     def mean_length(self) -> float:
-        """Mean rows per layer (every KV head of a layer holds the same count)."""
-        return sum(self.lengths()) / max(len(self.layers), 1)
+        """Real entries per layer and KV head, averaged (what `stats` reports as kept); with
+        per-head budgets this is below the rows held, which `nbytes` counts."""
+        return sum(layer.kept_rows() for layer in self.layers) / max(len(self.layers), 1)

@@ -5,24 +5,36 @@ layer, always kept), S rows a layer holds, P = S - W scored prefix rows, K kept 
 
 A policy does two things:
 
-- `score(q_win, keys, scaling, window)`: one fp32 score per prefix row [B, Hkv, P] (higher = keep).
-  Attention-based policies call `trieserve.kernels.eviction_scores` with their aggregation.
+- `score(q_win, keys, scaling, window, valid)`: one fp32 score per prefix row [B, Hkv, P] (higher
+  = keep; -inf for padding rows, see below). Attention-based policies call
+  `trieserve.kernels.eviction_scores` with their aggregation.
 - `plan(scores, keep, window)`: per layer, the index [B, Hkv, K] of rows every KV head keeps
-  (ascending, the window's W rows last). The base class keeps a uniform `keep` rows per layer
-  (window included), each KV head choosing its own top rows; a policy can override
-  `layer_budgets` to spread the total differently across layers.
+  (the window's W rows last). The base class keeps a uniform `keep` rows per layer (window
+  included), each KV head choosing its own top rows; a policy can override `layer_budgets` to
+  spread the total differently across layers.
+
+Per-head budgets (`head_budgets`, AdaKV: "Ada-KV: Optimizing KV Cache Eviction by Adaptive
+Budget Allocation", Feng et al., 2024): one top-k over all KV heads' scores of a layer, so a head
+whose attention is spread keeps more rows than one that reads a few. The cache stores a layer as
+[B, Hkv, K, D], so heads that keep fewer rows are padded to the layer's largest count (index -1,
+a padding row that attention skips; see trieserve.cache.kv). Padding is memory, so a head keeps
+at most HEAD_CAP times the layer's mean: the padded layer holds at most HEAD_CAP x its budget.
 
 Adding a policy is one small class and one line in `POLICIES`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from trieserve.kernels.eviction_scores import eviction_scores
 
+# A head keeps at most this many times the layer's mean rows (window included) under per-head
+# budgets: the cap on padding, so memory stays within 1.25x the budget.
+HEAD_CAP = 1.25
 
 def top_rows(scores: torch.Tensor, n: int) -> torch.Tensor:
     """Indices of the n highest scores per (batch, head), ascending. scores fp32 [B, H, P] ->
@@ -32,11 +44,37 @@ def top_rows(scores: torch.Tensor, n: int) -> torch.Tensor:
     return (P - 1 - order).sort(dim=-1).values
 
 
+def top_rows_per_head(scores: torch.Tensor, total: int, cap: int) -> torch.Tensor:
+    """Per-head budgets: the `total` highest scores over all heads of each batch row, at most
+    `cap` from one head. scores fp32 [B, H, P] -> int64 [B, H, n] (n = the largest head's count),
+    each head's rows ascending after -1 padding. Ties go to the later row."""
+    B, H, P = scores.shape
+    cap = min(cap, P)
+    ranked = top_rows(scores, cap)  # each head's `cap` best rows
+    picked = scores.gather(-1, ranked)  # their scores
+    chosen = torch.zeros(B, H * cap, dtype=torch.bool, device=scores.device)
+    best = picked.reshape(B, -1).topk(min(total, H * cap), dim=-1).indices
+    chosen.scatter_(1, best, True)
+    chosen = chosen.view(B, H, cap)
+    n = int(chosen.sum(-1).max())
+    # chosen rows keep their ascending order; the others sort first and become -1
+    order = chosen.to(torch.int8).argsort(dim=-1, stable=True)[..., cap - n :]
+    index = ranked.gather(-1, order)
+    return index.masked_fill(~chosen.gather(-1, order), -1)
+
+
 def with_window(prefix_index: torch.Tensor, prefix_len: int, window: int) -> torch.Tensor:
     """Append the window rows P..P+W-1 to every head's kept prefix rows [B, H, n]."""
     B, H, _ = prefix_index.shape
     win = torch.arange(prefix_len, prefix_len + window, device=prefix_index.device)
     return torch.cat([prefix_index, win.expand(B, H, window)], dim=-1)
+
+
+def _drop_padding(index: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Chosen rows whose score is -inf (padding rows of an earlier compaction) become -1."""
+    if not bool(torch.isinf(scores).any()):
+        return index
+    return index.masked_fill(torch.isneginf(scores.gather(-1, index.clamp(min=0))), -1)
 
 
 class EvictionPolicy:
@@ -46,12 +84,19 @@ class EvictionPolicy:
     evicts: ClassVar[bool] = True  # False: the cache is left exactly as prefill wrote it
     needs_queries: ClassVar[bool] = True  # scores need the window's queries
     global_budget: ClassVar[bool] = False  # budgets depend on every layer's scores at once
+    head_budgets: ClassVar[bool] = False  # one top-k over a layer's heads (AdaKV), not per head
 
     def score(
-        self, q_win: torch.Tensor | None, keys: torch.Tensor, scaling: float, window: int
+        self,
+        q_win: torch.Tensor | None,
+        keys: torch.Tensor,
+        scaling: float,
+        window: int,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q_win [B, Hq, W, D] (None when `needs_queries` is False), keys [B, Hkv, S, D] whose
-        last W = `window` rows are the window's -> fp32 [B, Hkv, S - W]."""
+        last W = `window` rows are the window's, valid bool [B, Hkv, S] (None: every row is real)
+        -> fp32 [B, Hkv, S - W], -inf at padding rows."""
         raise NotImplementedError
 
     def layer_budgets(self, scores: dict[int, torch.Tensor], keep: int, window: int) -> dict[int, int]:
@@ -67,7 +112,12 @@ class EvictionPolicy:
         for layer, k in self.layer_budgets(scores, keep, window).items():
             s = scores[layer]
             if k < s.shape[-1] + window:
-                out[layer] = with_window(top_rows(s, k - window), s.shape[-1], window)
+                if self.head_budgets:
+                    H = s.shape[1]
+                    prefix = top_rows_per_head(s, H * (k - window), math.floor(HEAD_CAP * k) - window)
+                else:
+                    prefix = top_rows(s, k - window)
+                out[layer] = with_window(_drop_padding(prefix, s), s.shape[-1], window)
         return out
 
 
@@ -79,7 +129,7 @@ class FullCache(EvictionPolicy):
     evicts: ClassVar[bool] = False
     needs_queries: ClassVar[bool] = False
 
-    def score(self, q_win, keys, scaling, window):
+    def score(self, q_win, keys, scaling, window, valid=None):
         return torch.ones(*keys.shape[:2], keys.shape[2] - window, device=keys.device)
 
     def plan(self, scores, keep, window):
@@ -95,12 +145,13 @@ class StreamingPolicy(EvictionPolicy):
     needs_queries: ClassVar[bool] = False
     sinks: int = 4
 
-    def score(self, q_win, keys, scaling, window):
+    def score(self, q_win, keys, scaling, window, valid=None):
         B, H, S = keys.shape[:3]
         P = S - window
         pos = torch.arange(P, dtype=torch.float32, device=keys.device)
         pos[: self.sinks] = float("inf")
-        return pos.expand(B, H, P)
+        pos = pos.expand(B, H, P)
+        return pos if valid is None else pos.masked_fill(~valid[..., :P], float("-inf"))
 
 
 @dataclass
@@ -112,30 +163,41 @@ class SnapKVPolicy(EvictionPolicy):
     aggregation: ClassVar[str] = "mean"
     pool_kernel: int = 5
 
-    def score(self, q_win, keys, scaling, window):
+    def score(self, q_win, keys, scaling, window, valid=None):
         if q_win is None or q_win.shape[2] != window:
             raise ValueError(f"{self.name} needs the window's {window} queries")
-        return eviction_scores(q_win, keys, scaling, self.aggregation, self.pool_kernel)
+        return eviction_scores(q_win, keys, scaling, self.aggregation, self.pool_kernel, valid=valid)
+
+
+@dataclass
+class AdaKVPolicy(SnapKVPolicy):
+    """AdaKV ("Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation", Feng et
+    al., 2024) on SnapKV's scores: mean aggregation, per-head budgets from one top-k over the
+    layer's heads (capped at HEAD_CAP, see the module docstring)."""
+
+    name: ClassVar[str] = "adakv"
+    head_budgets: ClassVar[bool] = True
 
 
 @dataclass
 class DefensivePolicy(SnapKVPolicy):
     """DefensiveKV ("Taming the Fragility of KV Cache Eviction in LLM Inference", Feng et al.,
     2025): max over window queries and group heads, floored at the head's mean (worst-case
-    instead of average importance); per-KV-head top-k. Within one head the floor only ties the
-    rows below the mean (ties go to recent rows); it matters where heads or layers compete for
-    one budget (Layer-DefensiveKV). The published code also weights scores by value norms
-    (CriticalKV) and sizes budgets per head (AdaKV); neither is done here."""
+    instead of average importance), with per-head budgets as the published method (AdaKV's
+    one top-k over the layer's heads): the floor guarantees every head rows in proportion to
+    its mean importance. The published code also weights scores by value norms (CriticalKV);
+    that is not done here."""
 
     name: ClassVar[str] = "defensive"
     aggregation: ClassVar[str] = "defensive"
+    head_budgets: ClassVar[bool] = True
 
 
 @dataclass
 class LayerDefensivePolicy(DefensivePolicy):
     """Layer-DefensiveKV (same paper): defensive scores, and one top-k over all layers' scores
-    sets each layer's budget (layers that spread attention keep more); then per-layer, per-head
-    selection as in DefensiveKV."""
+    sets each layer's budget (layers that spread attention keep more); then per-layer selection
+    with per-head budgets as in DefensiveKV."""
 
     name: ClassVar[str] = "layer_defensive"
     global_budget: ClassVar[bool] = True
@@ -172,7 +234,8 @@ def _round_preserving_sum(values: torch.Tensor, caps: list[int]) -> list[int]:
 
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
-    cls.name: cls for cls in (FullCache, StreamingPolicy, SnapKVPolicy, DefensivePolicy, LayerDefensivePolicy)
+    cls.name: cls
+    for cls in (FullCache, StreamingPolicy, SnapKVPolicy, AdaKVPolicy, DefensivePolicy, LayerDefensivePolicy)
 }
 
 

@@ -15,6 +15,9 @@ window queries and the G query heads of each KV head:
 - "defensive" (DefensiveKV, "Taming the Fragility of KV Cache Eviction in LLM Inference",
   2025): m_i = max over (G, W); s_i = max(m_i, mean_j m_j), the mean over the P prefix
   positions of that (batch, KV head): every score is floored at its head's mean.
+
+`valid` (bool [B, Hkv, S], optional) marks padding rows of a cache compacted with per-head
+budgets: no query attends to them, they are not in a head's mean, and their score is -inf.
 """
 
 from __future__ import annotations
@@ -51,15 +54,25 @@ def _check(q_win: torch.Tensor, k: torch.Tensor, aggregation: str, pool_kernel: 
         raise ValueError(f"pool_kernel must be a positive odd number, got {pool_kernel}")
 
 
-def _defensive_floor(m: torch.Tensor) -> torch.Tensor:
-    """m: [B, Hkv, P] per-token maxima -> max(m_i, mean_j m_j) per (batch, KV head)."""
-    return torch.maximum(m, m.mean(-1, keepdim=True))
+def _defensive_floor(m: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """m: [B, Hkv, P] per-token maxima -> max(m_i, mean_j m_j) per (batch, KV head), the mean
+    over real rows (valid bool [B, Hkv, P]; padding rows hold 0 and are left at 0)."""
+    if valid is None:
+        return torch.maximum(m, m.mean(-1, keepdim=True))
+    mean = m.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
+    return torch.where(valid, torch.maximum(m, mean), m)
 
 
 def eviction_scores_reference(
-    q_win: torch.Tensor, k: torch.Tensor, scaling: float, aggregation: str, pool_kernel: int = 5
+    q_win: torch.Tensor,
+    k: torch.Tensor,
+    scaling: float,
+    aggregation: str,
+    pool_kernel: int = 5,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain fp32 PyTorch. q_win [B,Hq,W,D], k [B,Hkv,S,D] -> scores fp32 [B,Hkv,S-W]."""
+    """Plain fp32 PyTorch. q_win [B,Hq,W,D], k [B,Hkv,S,D], valid bool [B,Hkv,S] or None ->
+    scores fp32 [B,Hkv,S-W]."""
     _check(q_win, k, aggregation, pool_kernel)
     B, Hq, W, _ = q_win.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -69,13 +82,17 @@ def eviction_scores_reference(
     kf = k.float().repeat_interleave(G, dim=1)
     logits = (q_win.float() @ kf.transpose(-1, -2)) * scaling  # [B, Hq, W, S]
     visible = torch.ones(W, S, dtype=torch.bool, device=k.device).tril(P)  # query w sees keys <= P + w
+    if valid is not None:
+        visible = visible & valid.repeat_interleave(G, dim=1)[:, :, None, :]
     probs = logits.masked_fill(~visible, float("-inf")).softmax(-1)[..., :P]
     pooled = F.avg_pool1d(
         probs.reshape(-1, 1, P), pool_kernel, stride=1, padding=pool_kernel // 2, count_include_pad=True
     ).view(B, Hkv, G * W, P)
     if aggregation == "mean":
-        return pooled.mean(2)
-    return _defensive_floor(pooled.amax(2))
+        scores = pooled.mean(2)
+    else:
+        scores = _defensive_floor(pooled.amax(2), None if valid is None else valid[..., :P])
+    return scores if valid is None else scores.masked_fill(~valid[..., :P], float("-inf"))
 
 
 if triton is not None:
@@ -190,14 +207,22 @@ def eviction_scores_triton(
 
 
 def eviction_scores(
-    q_win: torch.Tensor, k: torch.Tensor, scaling: float, aggregation: str, pool_kernel: int = 5
+    q_win: torch.Tensor,
+    k: torch.Tensor,
+    scaling: float,
+    aggregation: str,
+    pool_kernel: int = 5,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One eviction score per (KV head, prefix token).
 
     q_win: [B, Hq, W, D] queries of the last W prompt tokens; k: [B, Hkv, S, D] all prompt
     keys; scaling: softmax scale; aggregation: "mean" (SnapKV) or "defensive" (DefensiveKV);
-    pool_kernel: odd average-pool width (1 = no pooling).
-    Returns fp32 [B, Hkv, S - W]. CUDA tensors run the Triton kernels, others the reference.
+    pool_kernel: odd average-pool width (1 = no pooling); valid: bool [B, Hkv, S] padding
+    mask of a cache with per-head budgets (None: every row is real).
+    Returns fp32 [B, Hkv, S - W]. CUDA tensors run the Triton kernels, others the reference;
+    a padded cache (rescored during a chunked prefill) takes the reference.
     """
-    fn = eviction_scores_triton if use_triton(q_win, k) else eviction_scores_reference
-    return fn(q_win, k, scaling, aggregation, pool_kernel)
+    if valid is None and use_triton(q_win, k):
+        return eviction_scores_triton(q_win, k, scaling, aggregation, pool_kernel)
+    return eviction_scores_reference(q_win, k, scaling, aggregation, pool_kernel, valid)

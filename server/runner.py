@@ -40,57 +40,71 @@ ATTENTION_NAME = "trieserve"
 def tree_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """query [B, Hq, T, D]; key/value [B, Hkv, S, D] whose last T rows are the new tokens.
     `tree_mask` (bool [T, T] or [B, T, T]) says which new rows see which; without one the new rows
-    are causal. `window_capture` (a WindowCapture) records this layer's last window queries.
-    Returns ([B, T, Hq, D], None) as transformers expects."""
+    are causal. `key_cache` (the KVCache the keys come from) marks padding rows of per-head
+    budgets, which no query sees. `window_capture` (a WindowCapture) records this layer's last
+    window queries. Returns ([B, T, Hq, D], None) as transformers expects."""
     if isinstance(key, list):  # a batched step: each sequence attends to its own cache
         return _per_sequence_attention(module, query, key, value, scaling, kwargs)
     capture = kwargs.get("window_capture")
     if capture is not None:
         capture.record(module.layer_idx, query, scaling)
-    if kwargs.get("anc_bits") is not None:
+    cache = kwargs.get("key_cache")
+    valid = cache.layers[module.layer_idx].valid_rows() if cache is not None else None
+    if kwargs.get("anc_bits") is not None and valid is None:
         # the kernel path (CUDA, or forced): the Triton tree-attention kernel reads the
-        # bit-packed ancestor mask
+        # bit-packed ancestor mask (a layer with padding rows takes the SDPA path below)
         return kernel_attention_forward(module, query, key, value, None, scaling=scaling, **kwargs)
-    tree_mask = kwargs.get("tree_mask")
-    t, s = query.shape[2], key.shape[2]
-    mask = None
-    is_causal = False
-    if t > 1:
-        if tree_mask is None and s == t:
-            is_causal = True
-        else:
-            if tree_mask is None:
-                tree_mask = torch.ones(t, t, dtype=torch.bool, device=query.device).tril_()
-            full = torch.ones(*tree_mask.shape[:-1], s, dtype=torch.bool, device=query.device)
-            full[..., s - t :] = tree_mask
-            mask = full.unsqueeze(-3) if full.dim() == 3 else full
+    mask, is_causal = _attention_mask(query, key.shape[2], kwargs.get("tree_mask"), valid)
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=True
     )
     return out.transpose(1, 2).contiguous(), None
 
 
+def _attention_mask(
+    query: torch.Tensor, s: int, tree_mask: torch.Tensor | None, valid: torch.Tensor | None
+) -> tuple[torch.Tensor | None, bool]:
+    """(bool mask broadcastable to [B, Hq, T, S] or None, is_causal) for T new rows over S keys:
+    every cached row, the tree (or causal) mask among the new rows, minus padding rows (`valid`
+    bool [B, Hkv, S])."""
+    t = query.shape[2]
+    mask = None
+    if t > 1:
+        if tree_mask is None and s == t and valid is None:
+            return None, True
+        if tree_mask is None:
+            tree_mask = torch.ones(t, t, dtype=torch.bool, device=query.device).tril_()
+        full = torch.ones(*tree_mask.shape[:-1], s, dtype=torch.bool, device=query.device)
+        full[..., s - t :] = tree_mask
+        mask = full.unsqueeze(-3) if full.dim() == 3 else full
+    if valid is not None:
+        rows = valid.repeat_interleave(query.shape[1] // valid.shape[1], dim=1)[:, :, None, :]  # [B, Hq, 1, S]
+        mask = rows if mask is None else mask & rows
+    return mask, False
+
+
 def _per_sequence_attention(module, query, keys, values, scaling, kwargs):
     """query [1, Hq, N, D] (flattened rows, see server/batch.py); keys/values: per-sequence
     [1, Hkv, S_b, D]. Returns [1, N, Hq, D]."""
     rows, offsets, masks = kwargs["batch_rows"], kwargs["batch_offsets"], kwargs["batch_tree_masks"]
+    caches = kwargs["batch_caches"]
     if len(rows) == 1:
-        extra = _mask_kwargs(masks[0], query)
+        extra = _mask_kwargs(masks[0], query, caches[0])
         return tree_sdpa_attention(module, query, keys[0], values[0], None, scaling=scaling, **extra)
     out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
-    for lo, t, key, value, mask in zip(offsets, rows, keys, values, masks, strict=True):
-        extra = _mask_kwargs(mask, query)
+    for lo, t, key, value, mask, cache in zip(offsets, rows, keys, values, masks, caches, strict=True):
+        extra = _mask_kwargs(mask, query, cache)
         o, _ = tree_sdpa_attention(module, query[:, :, lo : lo + t], key, value, None, scaling=scaling, **extra)
         out[:, lo : lo + t] = o
     return out, None
 
 
-def _mask_kwargs(mask: torch.Tensor | None, query: torch.Tensor) -> dict:
+def _mask_kwargs(mask: torch.Tensor | None, query: torch.Tensor, cache: KVCache) -> dict:
     if mask is None:
-        return {}
+        return {"key_cache": cache}
     if use_triton(query):
-        return {"tree_mask": mask, "anc_bits": pack_ancestor_mask(mask.unsqueeze(0))}
-    return {"tree_mask": mask}
+        return {"tree_mask": mask, "anc_bits": pack_ancestor_mask(mask.unsqueeze(0)), "key_cache": cache}
+    return {"tree_mask": mask, "key_cache": cache}
 
 
 AttentionInterface.register(ATTENTION_NAME, tree_sdpa_attention)
@@ -126,7 +140,7 @@ class ModelRunner:
         """input_ids, position_ids: [T] long; tree_mask: bool [T, T] or None (causal);
         window_capture: filled with every layer's last window queries (eviction scoring).
         Returns fp32 logits [T, V] (or [1, V] with last_only)."""
-        kwargs = {}
+        kwargs = {"key_cache": cache}
         if window_capture is not None:
             kwargs["window_capture"] = window_capture
         if tree_mask is not None:
@@ -217,6 +231,7 @@ class ModelRunner:
             batch_rows=rows,
             batch_offsets=offsets,
             batch_tree_masks=masks,
+            batch_caches=caches,
         ).last_hidden_state
         picked = []
         for lo, t, p in zip(offsets, rows, parts, strict=True):

@@ -9,7 +9,7 @@ from platformdirs import user_cache_dir
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-KV_POLICIES = ("full", "streaming", "snapkv", "defensive", "layer_defensive")
+KV_POLICIES = ("full", "streaming", "snapkv", "adakv", "defensive", "layer_defensive")
 LOOKAHEAD_MODES = ("hierarchical", "parallel", "single")
 
 

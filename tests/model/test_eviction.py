@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from trieserve.cache.eviction import Eviction, PrefillTrace, WindowCapture, compress, eviction_for
-from trieserve.cache.policies import make_policy
+from trieserve.cache.policies import HEAD_CAP, make_policy
 from trieserve.decoding.draft import DraftConfig
 from trieserve.decoding.sampling import SamplingParams
 from trieserve.decoding.trie import OutputStore
@@ -23,7 +23,7 @@ from trieserve.server.speculation import Speculator, StepCost
 W = 32
 N = 224  # 3 prefill chunks of 64 (the runner fixture's) + one window: prefill splits it the same way
 CONT = 16
-EVICTING = ["streaming", "snapkv", "defensive", "layer_defensive"]
+EVICTING = ["streaming", "snapkv", "adakv", "defensive", "layer_defensive"]
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +77,11 @@ def test_eviction_frees_memory_and_decoding_continues(runner, text_ids, full, na
     keep = Eviction(make_policy(name), 0.3, W).keep(N)
     plan = compress(evicted, make_policy(name), capture, keep, W, reserve=0)
     assert len(plan) == runner.num_layers
-    assert sum(evicted.lengths()) == keep * runner.num_layers
-    assert evicted.nbytes() == keep * runner.num_layers * row_bytes(cache)  # buffers of exactly the kept rows
-    assert evicted.nbytes() < 0.35 * N * runner.num_layers * row_bytes(cache)
+    assert evicted.mean_length() == pytest.approx(keep)  # real entries per layer and KV head
+    # buffers of exactly the rows held: the kept ones, plus padding under per-head budgets
+    assert evicted.nbytes() == sum(evicted.lengths()) * row_bytes(cache)
+    assert evicted.nbytes() <= HEAD_CAP * keep * runner.num_layers * row_bytes(cache)
+    assert evicted.nbytes() < 0.4 * N * runner.num_layers * row_bytes(cache)
     logits = runner.forward(evicted, torch.tensor(cont), torch.arange(N, N + CONT))
     agree = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
     assert agree >= 0.5, f"{name}: top-1 agreement with the full cache {agree:.2f}"
@@ -107,10 +109,12 @@ def test_evicted_cache_matches_masked_full_cache_at_logical_positions(runner, te
     evicted = copy.deepcopy(cache)
     plan = compress(evicted, make_policy("layer_defensive"), capture, 64, W, reserve=0)
     assert len(set(evicted.lengths())) > 1, "layer budgets differ"
+    assert any(layer.valid_rows() is not None for layer in evicted.layers), "head budgets differ"
     H = cache.layers[0].keys.shape[1]
     keep_masks = {i: torch.ones(1, H, N, dtype=torch.bool) for i in range(runner.num_layers)}
-    for i, index in plan.items():
-        keep_masks[i] = torch.zeros(1, H, N, dtype=torch.bool).scatter_(2, index, True)
+    for i, index in plan.items():  # -1: a padding slot, which keeps nothing
+        real = (index >= 0).to(torch.uint8)
+        keep_masks[i] = torch.zeros(1, H, N, dtype=torch.uint8).scatter_reduce_(2, index.clamp(min=0), real, "amax").bool()
     masked = copy.deepcopy(cache)
     got, want = [], []
     runner.model.set_attn_implementation("trieserve_test_masked")
@@ -141,9 +145,9 @@ def test_layer_defensive_chunked_prefill_keeps_peak_memory_near_budget(runner, t
     evicted, trace = runner.new_cache(), PrefillTrace()
     runner.prefill(evicted, ids, eviction=ev, trace=trace)
     assert trace.chunks == 4 and trace.compactions > runner.num_layers  # compressed more than once
-    assert trace.peak_bytes <= runner.num_layers * (keep + chunk) * row
+    assert trace.peak_bytes <= runner.num_layers * (HEAD_CAP * keep + chunk) * row  # padding included
     assert trace.peak_bytes < 0.6 * runner.num_layers * N * row  # vs the whole prompt's rows
-    assert sum(evicted.lengths()) == keep * runner.num_layers
+    assert evicted.mean_length() == pytest.approx(keep)
     logits = runner.forward(evicted, torch.tensor(cont), torch.arange(N, N + CONT))
     assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.5
 

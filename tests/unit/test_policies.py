@@ -13,7 +13,15 @@ from trieserve.cache.eviction import (
     eviction_for,
 )
 from trieserve.cache.kv import KVCache
-from trieserve.cache.policies import POLICIES, LayerDefensivePolicy, make_policy, top_rows
+from trieserve.cache.policies import (
+    HEAD_CAP,
+    POLICIES,
+    LayerDefensivePolicy,
+    make_policy,
+    top_rows,
+    top_rows_per_head,
+)
+from trieserve.kernels.eviction_scores import eviction_scores_reference
 
 W = 4
 
@@ -104,6 +112,20 @@ def check_index(index: torch.Tensor, S: int, K: int, window: int) -> None:
     assert (index[..., -window:] == torch.arange(S - window, S)).all(), "the window is kept"
 
 
+def check_head_index(index: torch.Tensor, S: int, keep: int, window: int) -> None:
+    """Per-head budgets: each head's -1 padding first, then ascending distinct rows, the window
+    last; the real rows of a layer average `keep` per head (window included) and no head holds
+    more than HEAD_CAP x keep."""
+    B, H, K = index.shape
+    assert K <= int(HEAD_CAP * keep)
+    assert (index[..., -window:] == torch.arange(S - window, S)).all(), "the window is kept"
+    for head in index.reshape(-1, K):
+        real = head[head >= 0]
+        assert (head[: K - real.numel()] == -1).all(), "padding first"
+        assert (real[1:] > real[:-1]).all() and real.max() < S
+    assert (index >= 0).sum().item() == B * H * keep
+
+
 def random_scores(L=3, B=2, H=3, P=60, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return {layer: torch.rand(B, H, P, generator=gen) for layer in range(L)}
@@ -143,12 +165,13 @@ def test_layer_defensive_global_budget_sums_to_the_uniform_total():
     assert sum(budgets.values()) == 4 * keep
     assert budgets[2] > keep > budgets[3] >= W
     plan = policy.plan(scores, keep, W)
-    assert (
-        sum(plan[layer].shape[-1] for layer in plan) + sum(80 + W for layer in scores if layer not in plan)
-        == 4 * keep
+    B, H = scores[0].shape[:2]
+    real = sum((plan[layer] >= 0).sum().item() for layer in plan) + sum(
+        B * H * (80 + W) for layer in scores if layer not in plan
     )
+    assert real == 4 * keep * B * H
     for layer, index in plan.items():
-        check_index(index, 80 + W, budgets[layer], W)
+        check_head_index(index, 80 + W, budgets[layer], W)
 
 
 def test_layer_defensive_never_gives_a_layer_more_than_it_holds():
@@ -183,26 +206,92 @@ def test_every_policy_compacts_a_cache(name):
         assert done == {} and cache.nbytes() == before and cache.lengths() == [90] * 3
         return
     assert sorted(done) == [0, 1, 2]
-    assert sum(cache.lengths()) == 3 * keep
-    assert cache.nbytes() < before * 0.5
+    assert cache.mean_length() == pytest.approx(keep)  # real entries per layer and head
+    assert cache.nbytes() <= before * HEAD_CAP * keep / 90  # padding included
     for layer in cache.layers:
-        rows = layer.keys[..., 0].long()  # the positions that were kept
-        check_index(rows, 90, layer.length, W)
         assert torch.equal(layer.values, -layer.keys)
         assert layer.keys.shape[2] == layer.length and layer.capacity == layer.length
+        valid = layer.valid_rows()
+        if not policy.head_budgets:
+            assert valid is None and layer.length == keep
+            check_index(layer.keys[..., 0].long(), 90, keep, W)  # the positions that were kept
+            continue
+        assert valid is not None, "random scores give the heads different budgets"
+        rows = layer.keys[..., 0].long().masked_fill(~valid, -1)
+        # a global budget gives each layer its own mean (checked in total above)
+        check_head_index(rows, 90, round(layer.kept_rows()) if policy.global_budget else keep, W)
 
 
 def test_compaction_frees_buffers_and_grows_by_its_reserve():
     cache, capture = filled_cache(L=1)
     layer = cache.layers[0]
     old = layer._k
-    compress(cache, make_policy("defensive"), capture, 20, W, reserve=DECODE_HEADROOM)
+    compress(cache, make_policy("snapkv"), capture, 20, W, reserve=DECODE_HEADROOM)
     assert layer._k is not old and layer.capacity == 20 + DECODE_HEADROOM
     assert layer.nbytes() == 2 * (20 + DECODE_HEADROOM) * 3 * 8 * 4
     kept = layer.keys.clone()
     layer.update(torch.ones(1, 3, DECODE_HEADROOM + 1, 8), torch.ones(1, 3, DECODE_HEADROOM + 1, 8))
     assert layer.capacity == 20 + DECODE_HEADROOM + 1 + DECODE_HEADROOM  # not doubled
     assert torch.equal(layer.keys[:, :, :20], kept)
+
+
+def test_per_head_budgets_hand_computed():
+    scores = torch.tensor([[[0.9, 0.8, 0.1, 0.7], [0.2, 0.3, 0.05, 0.6]]])
+    # the 4 best of both heads: three from head 0, one from head 1
+    assert top_rows_per_head(scores, 4, cap=3).tolist() == [[[0, 1, 3], [-1, -1, 3]]]
+    # a cap of 2 per head hands head 0's third row to head 1's next best
+    assert top_rows_per_head(scores, 4, cap=2).tolist() == [[[0, 1], [1, 3]]]
+
+
+def test_per_head_budgets_follow_where_attention_is_spread():
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.rand(1, 3, 100, generator=gen)
+    scores[:, 0] *= 10  # head 0 reads many rows strongly
+    scores[:, 2] *= 0.1
+    keep = 24
+    index = make_policy("adakv").plan({0: scores}, keep, W)[0]
+    check_head_index(index, 100 + W, keep, W)
+    counts = (index >= 0).sum(-1)[0].tolist()
+    cap = int(HEAD_CAP * keep)
+    assert counts == [cap, cap, 3 * keep - 2 * cap]  # heads 0 and 1 outrank head 2 everywhere
+
+
+def test_defensive_floor_and_softmax_skip_padding_rows():
+    probs = torch.tensor([[[0.2, 0.1, 0.3, 0.1, 0.3]]])  # one query head, window of one
+    q, k = planted_queries(probs)
+    valid = torch.tensor([[[True, True, False, True, True]]])
+    got = eviction_scores_reference(q, k, 1.0, "defensive", pool_kernel=1, valid=valid)
+    kept = torch.tensor([0.2, 0.1, 0.1]) / 0.7  # the softmax over the real rows only
+    mean = kept.mean()
+    expected = torch.tensor([[[max(kept[0], mean), max(kept[1], mean), float("-inf"), max(kept[2], mean)]]])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_compacting_a_padded_cache_again_never_keeps_padding():
+    cache, capture = filled_cache(L=1, S=120)
+    policy = make_policy("defensive")
+    compress(cache, policy, capture, 60, W, reserve=0)
+    layer = cache.layers[0]
+    first = layer.valid_rows().clone()
+    assert not first.all()
+    real_before = set(layer.keys[..., 0][first].long().tolist())
+    compress(cache, policy, capture, 30, W, reserve=0)
+    valid = layer.valid_rows()
+    valid = torch.ones_like(layer.keys[..., 0], dtype=torch.bool) if valid is None else valid
+    assert valid.sum().item() == 3 * 30
+    assert set(layer.keys[..., 0][valid].long().tolist()) <= real_before
+
+
+def test_new_rows_are_real_in_every_head_of_a_padded_layer():
+    cache, capture = filled_cache(L=1)
+    compress(cache, make_policy("defensive"), capture, 30, W, reserve=4)
+    layer = cache.layers[0]
+    n, real = layer.length, layer.valid_rows().sum().item()
+    layer.update(torch.ones(1, 3, 6, 8), torch.ones(1, 3, 6, 8))  # grows past the reserve
+    valid = layer.valid_rows()
+    assert valid.shape[-1] == n + 6 and valid[..., n:].all() and valid.sum().item() == real + 18
+    cache.keep_path(6, [0, 2])
+    assert layer.valid_rows()[..., n:].all() and layer.length == n + 2
 
 
 def test_compress_leaves_layers_within_budget_plus_slack_alone():
