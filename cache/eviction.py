@@ -36,17 +36,23 @@ DECODE_HEADROOM = 64  # rows reserved after the final compaction (decode / draft
 @dataclass
 class WindowCapture:
     """Filled by the attention function during one forward: per layer, the last `window`
-    queries [B, Hq, W, D] (post-RoPE) and the softmax scale."""
+    queries [B, Hq, W, D] (post-RoPE), the softmax scale, and the layer's output projection
+    weight [M, Hq * D] where the attention module has one (value-aware scores use it)."""
 
     window: int
     queries: dict[int, torch.Tensor] = field(default_factory=dict)
     scaling: dict[int, float] = field(default_factory=dict)
+    out_proj: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def record(self, layer_idx: int, query: torch.Tensor, scaling: float | None) -> None:
+    def record(
+        self, layer_idx: int, query: torch.Tensor, scaling: float | None, out_proj: torch.Tensor | None = None
+    ) -> None:
         if query.shape[2] < self.window:
             raise ValueError(f"a chunk of {query.shape[2]} tokens cannot hold a window of {self.window}")
         self.queries[layer_idx] = query[:, :, -self.window :].clone()
         self.scaling[layer_idx] = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if out_proj is not None:
+            self.out_proj[layer_idx] = out_proj  # the model's own weight: a reference, not a copy
 
 
 @dataclass(frozen=True)
@@ -137,8 +143,11 @@ def compress(
     for i in layers:
         q_win = capture.queries.get(i) if capture is not None else None
         scaling = capture.scaling.get(i, 1.0) if capture is not None else 1.0
+        out_proj = capture.out_proj.get(i) if capture is not None else None
         layer = cache.layers[i]
-        scores[i] = policy.score(q_win, layer.keys, scaling, window, layer.valid_rows())
+        scores[i] = policy.score(
+            q_win, layer.keys, scaling, window, layer.valid_rows(), values=layer.values, out_proj=out_proj
+        )
     plan = policy.plan(scores, keep, window)
     for i, index in plan.items():
         cache.layers[i].compact(index, reserve)

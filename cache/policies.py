@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from trieserve.cache.criticality import critical_scores
 from trieserve.kernels.eviction_scores import eviction_scores
 
 # A head keeps at most this many times the layer's mean rows (window included) under per-head
@@ -93,10 +94,13 @@ class EvictionPolicy:
         scaling: float,
         window: int,
         valid: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
+        out_proj: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q_win [B, Hq, W, D] (None when `needs_queries` is False), keys [B, Hkv, S, D] whose
-        last W = `window` rows are the window's, valid bool [B, Hkv, S] (None: every row is real)
-        -> fp32 [B, Hkv, S - W], -inf at padding rows."""
+        """q_win [B, Hq, W, D] (None when `needs_queries` is False), keys and values
+        [B, Hkv, S, D] whose last W = `window` rows are the window's, valid bool [B, Hkv, S]
+        (None: every row is real), out_proj the layer's output projection weight [M, Hq * D]
+        (value-aware policies; None skips that part) -> fp32 [B, Hkv, S - W], -inf at padding."""
         raise NotImplementedError
 
     def layer_budgets(self, scores: dict[int, torch.Tensor], keep: int, window: int) -> dict[int, int]:
@@ -129,7 +133,7 @@ class FullCache(EvictionPolicy):
     evicts: ClassVar[bool] = False
     needs_queries: ClassVar[bool] = False
 
-    def score(self, q_win, keys, scaling, window, valid=None):
+    def score(self, q_win, keys, scaling, window, valid=None, values=None, out_proj=None):
         return torch.ones(*keys.shape[:2], keys.shape[2] - window, device=keys.device)
 
     def plan(self, scores, keep, window):
@@ -145,7 +149,7 @@ class StreamingPolicy(EvictionPolicy):
     needs_queries: ClassVar[bool] = False
     sinks: int = 4
 
-    def score(self, q_win, keys, scaling, window, valid=None):
+    def score(self, q_win, keys, scaling, window, valid=None, values=None, out_proj=None):
         B, H, S = keys.shape[:3]
         P = S - window
         pos = torch.arange(P, dtype=torch.float32, device=keys.device)
@@ -163,7 +167,7 @@ class SnapKVPolicy(EvictionPolicy):
     aggregation: ClassVar[str] = "mean"
     pool_kernel: int = 5
 
-    def score(self, q_win, keys, scaling, window, valid=None):
+    def score(self, q_win, keys, scaling, window, valid=None, values=None, out_proj=None):
         if q_win is None or q_win.shape[2] != window:
             raise ValueError(f"{self.name} needs the window's {window} queries")
         return eviction_scores(q_win, keys, scaling, self.aggregation, self.pool_kernel, valid=valid)
@@ -183,14 +187,21 @@ class AdaKVPolicy(SnapKVPolicy):
 class DefensivePolicy(SnapKVPolicy):
     """DefensiveKV ("Taming the Fragility of KV Cache Eviction in LLM Inference", Feng et al.,
     2025): max over window queries and group heads, floored at the head's mean (worst-case
-    instead of average importance), with per-head budgets as the published method (AdaKV's
-    one top-k over the layer's heads): the floor guarantees every head rows in proportion to
-    its mean importance. The published code also weights scores by value norms (CriticalKV);
-    that is not done here."""
+    instead of average importance), then, as the published method does, CriticalKV's
+    value-aware two-stage scores (trieserve.cache.criticality; `value_weighting=False` turns
+    them off) and AdaKV's per-head budgets (one top-k over the layer's heads): the floor
+    guarantees every head rows in proportion to its mean importance."""
 
     name: ClassVar[str] = "defensive"
     aggregation: ClassVar[str] = "defensive"
     head_budgets: ClassVar[bool] = True
+    value_weighting: bool = True
+
+    def score(self, q_win, keys, scaling, window, valid=None, values=None, out_proj=None):
+        scores = super().score(q_win, keys, scaling, window, valid)
+        if not self.value_weighting or values is None or out_proj is None:
+            return scores
+        return critical_scores(scores, q_win, keys, values, out_proj, scaling, valid)
 
 
 @dataclass

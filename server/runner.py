@@ -47,7 +47,8 @@ def tree_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, 
         return _per_sequence_attention(module, query, key, value, scaling, kwargs)
     capture = kwargs.get("window_capture")
     if capture is not None:
-        capture.record(module.layer_idx, query, scaling)
+        out_proj = getattr(getattr(module, "o_proj", None), "weight", None)
+        capture.record(module.layer_idx, query, scaling, out_proj)
     cache = kwargs.get("key_cache")
     valid = cache.layers[module.layer_idx].valid_rows() if cache is not None else None
     if kwargs.get("anc_bits") is not None and valid is None:
