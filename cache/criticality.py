@@ -69,13 +69,14 @@ def critical_scores(
     norms = value_norms(values[:, :, :P], out_proj, q_win.shape[1])
     if valid is not None:
         norms = norms.masked_fill(~valid[..., :P], 0.0)
-    weighted = scores * norms / norms.sum(-1, keepdim=True).clamp(min=1e-12)
+    weights = norms / norms.sum(-1, keepdim=True).clamp(min=1e-12)
+    padding = torch.isneginf(scores)
+    weighted = torch.where(padding, scores, scores * weights)  # -inf x 0 would be nan
     # stage 1: rows in order of attention until, with the window's share, `coverage` is reached
     ranked, order = prefix.sort(-1, descending=True)
     before = ranked.cumsum(-1) - ranked  # attention of the rows ranked above each row
     needed = (coverage - window_mass).clamp(min=0.0)
     protected = torch.zeros_like(prefix, dtype=torch.bool).scatter_(-1, order, before < needed)
-    finite = torch.where(torch.isinf(weighted), torch.zeros_like(weighted), weighted)
-    top = finite.flatten(1).amax(-1).view(-1, 1, 1) + 1.0  # above every unprotected row
-    out = torch.where(protected, top + prefix, weighted)
+    top = weighted.masked_fill(padding, 0.0).flatten(1).amax(-1).view(-1, 1, 1) + 1.0  # above every unprotected row
+    out = torch.where(protected & ~padding, top + prefix, weighted)
     return out if valid is None else out.masked_fill(~valid[..., :P], float("-inf"))

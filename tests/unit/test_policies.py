@@ -12,6 +12,7 @@ from trieserve.cache.eviction import (
     compress,
     eviction_for,
 )
+from trieserve.cache.criticality import critical_scores, value_norms
 from trieserve.cache.kv import KVCache
 from trieserve.cache.policies import (
     HEAD_CAP,
@@ -321,3 +322,44 @@ def test_window_capture_needs_a_chunk_holding_the_window():
 )
 def test_chunk_bounds(start, end, chunk, min_len, expected):
     assert chunk_bounds(start, end, chunk, min_len) == expected
+
+
+def test_value_norms_match_the_output_projection_per_query_head():
+    gen = torch.Generator().manual_seed(2)
+    values = torch.randn(1, 2, 5, 4, generator=gen)  # 2 KV heads, 5 rows, D = 4
+    out_proj = torch.randn(6, 4 * 4, generator=gen)  # model width 6, 4 query heads (G = 2)
+    got = value_norms(values, out_proj, q_heads=4)
+    for h in range(2):
+        for i in range(5):
+            per_q = [(out_proj[:, q * 4 : (q + 1) * 4] @ values[0, h, i]).abs().sum() for q in (2 * h, 2 * h + 1)]
+            assert got[0, h, i].item() == pytest.approx(float(sum(per_q) / 2), rel=1e-5)
+
+
+def test_critical_scores_protect_the_attention_mass_then_weigh_values():
+    # window attention: rows 0..3 of the prefix, then the window row (0.2 of the mass)
+    probs = torch.tensor([[[0.5, 0.15, 0.1, 0.05, 0.2]]])
+    q, k = planted_queries(probs)
+    values = torch.zeros(1, 1, 5, 5)
+    values[0, 0, :, 0] = torch.tensor([0.0, 1.0, 1.0, 4.0, 1.0])  # row 0 adds nothing to the output
+    out_proj = torch.eye(5)
+    scores = torch.tensor([[[0.5, 0.15, 0.1, 0.05]]])
+    got = critical_scores(scores, q, k, values, out_proj, 1.0)[0, 0]
+    # 0.9 - 0.2 = 0.7 of the mass: rows 0 and 1 (0.5 + 0.15 < 0.7, so row 2 is needed too)
+    assert (got[:3] > got[3]).all() and got[0] > got[1] > got[2]  # protected, in attention order
+    # unprotected rows: score x norm / the prefix rows' norms (0 + 1 + 1 + 4)
+    assert got[3].item() == pytest.approx(0.05 * 4 / 6, rel=1e-5)
+    # with less coverage only row 0 is protected, and row 3's value outweighs row 2's attention
+    got = critical_scores(scores, q, k, values, out_proj, 1.0, coverage=0.6)[0, 0]
+    assert got[0] > got[3] > got[1] > got[2]
+    assert got[3].item() == pytest.approx(0.05 * 4 / 6, rel=1e-5)
+    assert got[1].item() == pytest.approx(0.15 * 1 / 6, rel=1e-5)
+
+
+def test_critical_scores_leave_padding_rows_out():
+    probs = torch.tensor([[[0.4, 0.1, 0.1, 0.2, 0.2]]])
+    q, k = planted_queries(probs)
+    values = torch.ones(1, 1, 5, 5)
+    valid = torch.tensor([[[True, False, True, True, True]]])
+    scores = torch.tensor([[[0.4, float("-inf"), 0.1, 0.2]]])
+    got = critical_scores(scores, q, k, values, torch.eye(5), 1.0, valid=valid)[0, 0]
+    assert torch.isneginf(got[1]) and torch.isfinite(got[[0, 2, 3]]).all()
