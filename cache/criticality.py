@@ -59,9 +59,10 @@ def critical_scores(
     valid: torch.Tensor | None = None,
     coverage: float = 0.9,
 ) -> torch.Tensor:
-    """scores fp32 [B, Hkv, P] (any attention-based aggregation; -inf at padding rows) -> the
-    two-stage scores, fp32 [B, Hkv, P]: protected rows above every other row of the batch
-    entry (ordered by attention), the rest scores x normalised value norms."""
+    """scores fp32 [B, Hkv, P] (any attention-based aggregation, >= 0; -inf at padding rows) ->
+    the two-stage scores, fp32 [B, Hkv, P]: protected rows at the layer's best weighted score x
+    (1 + their attention), so above every other row of the layer; the rest scores x normalised
+    value norms."""
     W = q_win.shape[2]
     P = keys.shape[2] - W
     attn = window_attention(q_win, keys, scaling, valid)
@@ -77,6 +78,9 @@ def critical_scores(
     before = ranked.cumsum(-1) - ranked  # attention of the rows ranked above each row
     needed = (coverage - window_mass).clamp(min=0.0)
     protected = torch.zeros_like(prefix, dtype=torch.bool).scatter_(-1, order, before < needed)
-    top = weighted.masked_fill(padding, 0.0).flatten(1).amax(-1).view(-1, 1, 1) + 1.0  # above every unprotected row
-    out = torch.where(protected & ~padding, top + prefix, weighted)
+    # protected rows score the layer's best weighted score, scaled up by their
+    # attention so they rank among themselves: above every unprotected row of this layer, yet
+    # comparable with other layers' scores when one top-k spans all layers (Layer-DefensiveKV)
+    top = weighted.masked_fill(padding, 0.0).flatten(1).amax(-1).view(-1, 1, 1)
+    out = torch.where(protected & ~padding, top * (1.0 + prefix), weighted)
     return out if valid is None else out.masked_fill(~valid[..., :P], float("-inf"))

@@ -200,3 +200,13 @@ def test_greedy_lookahead_on_an_evicted_cache_matches_plain_greedy(runner, token
         assert fin.stats["kv_tokens_total"] == len(ids)
         assert fin.stats["kv_tokens_kept"] == Eviction(make_policy("defensive"), 0.5, W).keep(len(ids))
     assert fin_fast.stats["draft_tokens"] > 0 and fin_plain.stats["draft_tokens"] == 0
+
+
+def test_defensive_scores_reach_the_values_through_the_window_capture(runner, full):
+    cache, capture, _, _ = full
+    assert sorted(capture.out_proj) == list(range(runner.num_layers))  # each layer's o_proj weight
+    plans = {}
+    for weighting in (True, False):
+        policy = make_policy("defensive", value_weighting=weighting)
+        plans[weighting] = compress(copy.deepcopy(cache), policy, capture, 64, W, reserve=0)
+    assert any(not torch.equal(plans[True][i], plans[False][i]) for i in plans[True])
