@@ -3,6 +3,7 @@
     python bench/eviction.py                       # defaults: budgets 10/20/40%, ~10-15 min on 2 CPU cores
     python bench/eviction.py --threads 1 --json results.json
     python bench/eviction.py --passkey 2 --kv 2 --fidelity 1 --chunked-samples 1   # a smoke run
+    python bench/eviction.py --from-json results.json --bootstrap 2000   # intervals of a saved run
 
 Tasks, all on real text that ships with Python (`pydoc_data.topics`, the language reference):
 
@@ -244,6 +245,43 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def bootstrap(rows: list[dict], resamples: int, seed: int = 0, baseline: str = "snapkv") -> str:
+    """90 % intervals of each one-shot policy's overall loss and of its ratio to `baseline`'s,
+    resampling prompts with replacement (each prompt's rows stay together) and recomputing every
+    loss against the resampled full-cache scores."""
+    prompts: list[list[dict]] = []
+    for r in rows:
+        if r["mode"] != "one-shot":
+            continue
+        if r["policy"] == "full":
+            prompts.append([])
+        prompts[-1].append(r)
+    rng = random.Random(seed)
+    draws: dict[tuple, list[list[float]]] = {}
+    for _ in range(resamples):
+        picked = [r for _ in prompts for r in rng.choice(prompts)]
+        losses = {(s["policy"], s["budget"]): s["loss"] for s in summarize(picked)}
+        for (policy, budget), loss in losses.items():
+            base = losses.get((baseline, budget))
+            draws.setdefault((policy, budget), [[], []])[0].append(loss)
+            if base:
+                draws[(policy, budget)][1].append(loss / base)
+    lines = [f"| policy | budget | overall loss, 90 % interval | loss / {baseline}'s, 90 % interval |", "|---|---|---|---|"]
+    for (policy, budget), (losses, ratios) in sorted(draws.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if policy == "full":
+            continue
+        lo, hi = _interval(losses)
+        rlo, rhi = _interval(ratios)
+        ratio = "1" if policy == baseline else f"{rlo:.2f}-{rhi:.2f}"
+        lines.append(f"| {policy} | {100 * budget:.0f}% | {100 * lo:.0f}-{100 * hi:.0f}% | {ratio} |")
+    return "\n".join(lines)
+
+
+def _interval(values: list[float]) -> tuple[float, float]:
+    xs = sorted(v for v in values if v == v)  # nan: a resample where a loss is undefined
+    return (xs[int(0.05 * (len(xs) - 1))], xs[int(0.95 * (len(xs) - 1))]) if xs else (float("nan"), float("nan"))
+
+
 def markdown(summary: list[dict]) -> str:
     head = (
         "| mode | policy | budget | KV kept | KV memory | peak KV | passkey | kv | top1 | greedy | KL | exact match passkey / kv "
@@ -279,7 +317,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write every per-sample row here")
+    ap.add_argument("--bootstrap", type=int, default=0, help="resamples for 90%% intervals of the losses (0 = none)")
+    ap.add_argument("--from-json", help="summarise the rows of an earlier --json run instead of running")
     args = ap.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            rows = json.load(f)["rows"]
+        print(markdown(summarize(rows)))
+        if args.bootstrap:
+            print("\n" + bootstrap(rows, args.bootstrap, args.seed))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -302,6 +349,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     summary = summarize(rows)
     print(markdown(summary))
+    if args.bootstrap:
+        print("\n" + bootstrap(rows, args.bootstrap, args.seed))
     print(f"\n{len(samples)} samples ({', '.join(f'{t}: {sum(s.task == t for s in samples)}' for t in ('passkey', 'kv', 'fidelity'))}), "
           f"prompts {min(len(s.ids) for s in samples)}-{max(len(s.ids) for s in samples)} tokens, "
           f"window {args.window}, chunk {args.chunk}, {time.time() - started:.0f}s, torch threads {torch.get_num_threads()}")  # fmt: skip

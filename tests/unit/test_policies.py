@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from trieserve.cache.criticality import critical_scores, value_norms
 from trieserve.cache.eviction import (
     DECODE_HEADROOM,
     Eviction,
@@ -12,7 +13,6 @@ from trieserve.cache.eviction import (
     compress,
     eviction_for,
 )
-from trieserve.cache.criticality import critical_scores, value_norms
 from trieserve.cache.kv import KVCache
 from trieserve.cache.policies import (
     HEAD_CAP,
