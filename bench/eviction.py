@@ -264,7 +264,7 @@ def bootstrap(rows: list[dict], resamples: int, seed: int = 0, baseline: str = "
         for (policy, budget), loss in losses.items():
             base = losses.get((baseline, budget))
             draws.setdefault((policy, budget), [[], []])[0].append(loss)
-            if base:
+            if base:  # a resample where the baseline lost nothing has no ratio (counted below)
                 draws[(policy, budget)][1].append(loss / base)
     lines = [f"| policy | budget | overall loss, 90 % interval | loss / {baseline}'s, 90 % interval |", "|---|---|---|---|"]
     for (policy, budget), (losses, ratios) in sorted(draws.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -273,6 +273,8 @@ def bootstrap(rows: list[dict], resamples: int, seed: int = 0, baseline: str = "
         lo, hi = _interval(losses)
         rlo, rhi = _interval(ratios)
         ratio = "1" if policy == baseline else f"{rlo:.2f}-{rhi:.2f}"
+        if policy != baseline and len(ratios) < len(losses):
+            ratio += f" ({len(losses) - len(ratios)} resamples without a ratio)"
         lines.append(f"| {policy} | {100 * budget:.0f}% | {100 * lo:.0f}-{100 * hi:.0f}% | {ratio} |")
     return "\n".join(lines)
 

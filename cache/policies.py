@@ -48,13 +48,17 @@ def top_rows(scores: torch.Tensor, n: int) -> torch.Tensor:
 def top_rows_per_head(scores: torch.Tensor, total: int, cap: int) -> torch.Tensor:
     """Per-head budgets: the `total` highest scores over all heads of each batch row, at most
     `cap` from one head. scores fp32 [B, H, P] -> int64 [B, H, n] (n = the largest head's count),
-    each head's rows ascending after -1 padding. Ties go to the later row."""
+    each head's rows ascending after -1 padding. Ties go to the later row (then the lower head),
+    so the choice is deterministic on every device."""
     B, H, P = scores.shape
     cap = min(cap, P)
     ranked = top_rows(scores, cap)  # each head's `cap` best rows
-    picked = scores.gather(-1, ranked)  # their scores
+    picked = scores.gather(-1, ranked).reshape(B, -1)  # their scores
+    # later rows first, then a stable sort by score: among equal scores the later row wins
+    recent = ranked.reshape(B, -1).argsort(dim=-1, descending=True, stable=True)
+    by_score = picked.gather(-1, recent).argsort(dim=-1, descending=True, stable=True)
+    best = recent.gather(-1, by_score)[:, : min(total, H * cap)]
     chosen = torch.zeros(B, H * cap, dtype=torch.bool, device=scores.device)
-    best = picked.reshape(B, -1).topk(min(total, H * cap), dim=-1).indices
     chosen.scatter_(1, best, True)
     chosen = chosen.view(B, H, cap)
     n = int(chosen.sum(-1).max())
@@ -189,8 +193,8 @@ class DefensivePolicy(SnapKVPolicy):
     2025): max over window queries and group heads, floored at the head's mean (worst-case
     instead of average importance), then, as the published method does, CriticalKV's
     value-aware two-stage scores (trieserve.cache.criticality; `value_weighting=False` turns
-    them off) and AdaKV's per-head budgets (one top-k over the layer's heads): the floor
-    guarantees every head rows in proportion to its mean importance."""
+    them off) and AdaKV's per-head budgets (one top-k over the layer's heads, each head capped
+    at HEAD_CAP x the layer's mean)."""
 
     name: ClassVar[str] = "defensive"
     aggregation: ClassVar[str] = "defensive"
@@ -220,7 +224,7 @@ class LayerDefensivePolicy(DefensivePolicy):
         B, H = scores[layers[0]].shape[:2]
         flat = torch.cat([scores[layer].reshape(-1) for layer in layers])
         sizes = [scores[layer].shape[-1] for layer in layers]
-        total = min(len(layers) * (keep - window) * B * H, flat.numel())
+        total = min(len(layers) * (keep - window) * B * H, int(torch.isfinite(flat).sum()))  # padding: -inf
         chosen = torch.zeros_like(flat, dtype=torch.bool)
         chosen[flat.topk(total).indices] = True
         counts = torch.stack([c.sum() for c in chosen.split([n * B * H for n in sizes])]).double() / (B * H)

@@ -56,10 +56,11 @@ def _check(q_win: torch.Tensor, k: torch.Tensor, aggregation: str, pool_kernel: 
 
 def _defensive_floor(m: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """m: [B, Hkv, P] per-token maxima -> max(m_i, mean_j m_j) per (batch, KV head), the mean
-    over real rows (valid bool [B, Hkv, P]; padding rows hold 0 and are left at 0)."""
+    over real rows (valid bool [B, Hkv, P]). Pooling spreads a neighbour's attention into a
+    padding row, so padding is left out of the mean explicitly (and masked by the caller)."""
     if valid is None:
         return torch.maximum(m, m.mean(-1, keepdim=True))
-    mean = m.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
+    mean = m.masked_fill(~valid, 0.0).sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
     return torch.where(valid, torch.maximum(m, mean), m)
 
 

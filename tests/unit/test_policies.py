@@ -268,6 +268,28 @@ def test_defensive_floor_and_softmax_skip_padding_rows():
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
+def test_defensive_floor_with_pooling_averages_real_rows_only():
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 1, 1, 8, generator=gen), torch.randn(1, 1, 12, 8, generator=gen)
+    valid = torch.ones(1, 1, 12, dtype=torch.bool)
+    valid[..., [3, 4, 7]] = False
+    got = eviction_scores_reference(q, k, 1.0, "defensive", pool_kernel=5, valid=valid)
+    probs = (q @ k.transpose(-1, -2)).masked_fill(~valid[:, :, None], float("-inf")).softmax(-1)[..., :11]
+    pooled = torch.nn.functional.avg_pool1d(probs.view(1, 1, 11), 5, stride=1, padding=2).view(11)
+    real = valid[0, 0, :11]
+    mean = pooled[real].mean()
+    expected = torch.where(real, torch.maximum(pooled, mean), torch.tensor(float("-inf")))
+    assert pooled[~real].gt(0).any(), "pooling spreads attention into padding rows"
+    torch.testing.assert_close(got.view(11), expected, atol=1e-6, rtol=0)
+
+
+def test_per_head_ties_go_to_the_later_row():
+    scores = torch.tensor([[[0.5, 0.2, 0.5], [0.5, 0.5, 0.1]]])
+    # four rows score 0.5 and three are kept: head 0's row 2, head 1's row 1, then row 0 of the
+    # lower head
+    assert top_rows_per_head(scores, 3, cap=3).tolist() == [[[0, 2], [-1, 1]]]
+
+
 def test_compacting_a_padded_cache_again_never_keeps_padding():
     cache, capture = filled_cache(L=1, S=120)
     policy = make_policy("defensive")
@@ -291,8 +313,10 @@ def test_new_rows_are_real_in_every_head_of_a_padded_layer():
     layer.update(torch.ones(1, 3, 6, 8), torch.ones(1, 3, 6, 8))  # grows past the reserve
     valid = layer.valid_rows()
     assert valid.shape[-1] == n + 6 and valid[..., n:].all() and valid.sum().item() == real + 18
+    before = layer.valid_rows()[..., :n].clone()
     cache.keep_path(6, [0, 2])
-    assert layer.valid_rows()[..., n:].all() and layer.length == n + 2
+    assert layer.length == n + 2 and layer.valid_rows()[..., n:].all()
+    assert torch.equal(layer.valid_rows()[..., :n], before), "the old padding stays padding"
 
 
 def test_compress_leaves_layers_within_budget_plus_slack_alone():
