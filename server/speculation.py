@@ -263,8 +263,13 @@ class Speculator:
             rows = self.decoding_length + 1
             self.cost = StepCost.cached(runner, rows, self.cost_path) if self.cost_path else StepCost.measure(runner, rows)
         # the payoff check also holds back steps that carry a prefill chunk: their drafts look
-        # cheap next to the chunk's rows, but they are sized by the same estimates
-        if self.adaptive and not (self._could_pay(seqs, extra_rows) and self.payoff.allows(len(seqs))):
+        # cheap next to the chunk's rows, but they are sized by the same estimates. It guards
+        # batched steps only: alone, a failed draft's step is slower than a plain one by nature,
+        # so a few misses would read as a loss and back off for up to max_explore steps, while
+        # the per-depth calibration already prices misses (measured on a lone RAG request:
+        # docs/benchmarks.md, decoding section)
+        batched = len(seqs) > 1
+        if self.adaptive and not (self._could_pay(seqs, extra_rows) and (not batched or self.payoff.allows(len(seqs)))):
             for seq in seqs:
                 if seq.lookahead:
                     self._stream_output(seq)

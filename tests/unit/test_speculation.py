@@ -153,6 +153,13 @@ def test_no_trie_search_when_no_draft_could_pay_for_the_batch():
     alone = sequence()
     assert len(spec.plan(None, [alone])[0]) > 0
     assert searched == [alone]
+    # the payoff check guards batched steps only: a lone request drafts even where its batch
+    # size's record says drafting lost
+    for _ in range(4):
+        spec.payoff.observe(1, drafted=False, tokens=1, seconds=0.1)
+        spec.payoff.observe(1, drafted=True, tokens=1, seconds=0.3)
+    assert spec.payoff.rates(1)[1] < spec.payoff.rates(1)[0]
+    assert all(len(spec.plan(None, [alone])[0]) > 0 for _ in range(3))
 
 
 def test_payoff_switches_drafting_off_where_it_loses_but_keeps_exploring():
