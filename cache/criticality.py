@@ -19,6 +19,7 @@ code differ here on purpose: the window's share of attention is measured on the 
 from __future__ import annotations
 
 import torch
+from trieserve.kernels.eviction_scores import window_probs
 
 
 def window_attention(
@@ -28,13 +29,7 @@ def window_attention(
     heads), fp32 [B, Hkv, S]; causal within the window, padding rows (valid False) get 0."""
     B, Hq, W, _ = q_win.shape
     Hkv, S = keys.shape[1], keys.shape[2]
-    G, P = Hq // Hkv, S - W
-    logits = (q_win.float() @ keys.float().repeat_interleave(G, dim=1).transpose(-1, -2)) * scaling
-    visible = torch.ones(W, S, dtype=torch.bool, device=keys.device).tril(P)
-    if valid is not None:
-        visible = visible & valid.repeat_interleave(G, dim=1)[:, :, None, :]
-    probs = logits.masked_fill(~visible, float("-inf")).softmax(-1)  # [B, Hq, W, S]
-    return probs.view(B, Hkv, G, W, S).mean((2, 3))
+    return window_probs(q_win, keys, scaling, valid).view(B, Hkv, Hq // Hkv, W, S).mean((2, 3))
 
 
 def value_norms(values: torch.Tensor, out_proj: torch.Tensor, q_heads: int) -> torch.Tensor:

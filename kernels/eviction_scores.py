@@ -64,6 +64,20 @@ def _defensive_floor(m: torch.Tensor, valid: torch.Tensor | None = None) -> torc
     return torch.where(valid, torch.maximum(m, mean), m)
 
 
+def window_probs(
+    q_win: torch.Tensor, k: torch.Tensor, scaling: float, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The window queries' softmax rows over every key, fp32 [B, Hq, W, S]: window query w sees
+    keys 0..P+w (causal within the window), and no query sees a padding row (valid False)."""
+    W, S = q_win.shape[2], k.shape[2]
+    G = q_win.shape[1] // k.shape[1]
+    logits = (q_win.float() @ k.float().repeat_interleave(G, dim=1).transpose(-1, -2)) * scaling
+    visible = torch.ones(W, S, dtype=torch.bool, device=k.device).tril(S - W)
+    if valid is not None:
+        visible = visible & valid.repeat_interleave(G, dim=1)[:, :, None, :]
+    return logits.masked_fill(~visible, float("-inf")).softmax(-1)
+
+
 def eviction_scores_reference(
     q_win: torch.Tensor,
     k: torch.Tensor,
@@ -80,12 +94,7 @@ def eviction_scores_reference(
     G, P = Hq // Hkv, S - W
     if P == 0:
         return torch.empty(B, Hkv, 0, dtype=torch.float32, device=k.device)
-    kf = k.float().repeat_interleave(G, dim=1)
-    logits = (q_win.float() @ kf.transpose(-1, -2)) * scaling  # [B, Hq, W, S]
-    visible = torch.ones(W, S, dtype=torch.bool, device=k.device).tril(P)  # query w sees keys <= P + w
-    if valid is not None:
-        visible = visible & valid.repeat_interleave(G, dim=1)[:, :, None, :]
-    probs = logits.masked_fill(~visible, float("-inf")).softmax(-1)[..., :P]
+    probs = window_probs(q_win, k, scaling, valid)[..., :P]
     pooled = F.avg_pool1d(
         probs.reshape(-1, 1, P), pool_kernel, stride=1, padding=pool_kernel // 2, count_include_pad=True
     ).view(B, Hkv, G * W, P)

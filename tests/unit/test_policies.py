@@ -303,6 +303,17 @@ def test_compacting_a_padded_cache_again_never_keeps_padding():
     valid = torch.ones_like(layer.keys[..., 0], dtype=torch.bool) if valid is None else valid
     assert valid.sum().item() == 3 * 30
     assert set(layer.keys[..., 0][valid].long().tolist()) <= real_before
+    # the two guards fail independently: a plan that must reach into padding marks it -1 ...
+    scores = torch.tensor([[[0.9, float("-inf"), 0.5, float("-inf")]]])
+    assert sorted(make_policy("snapkv").plan({0: scores}, 3 + W, W)[0][0, 0, :3].tolist()) == [-1, 0, 2]
+    # ... and compaction keeps a padding row as padding even when an index names it
+    cache, capture = filled_cache(L=1)
+    compress(cache, policy, capture, 30, W, reserve=0)
+    layer = cache.layers[0]
+    pad = (~layer.valid_rows()).nonzero()[0].tolist()  # [b, h, row] of one padding row
+    index = torch.arange(layer.length).expand(1, 3, -1).clone()
+    layer.compact(index, reserve=0)
+    assert not layer.valid_rows()[pad[0], pad[1], pad[2]]
 
 
 def test_new_rows_are_real_in_every_head_of_a_padded_layer():
