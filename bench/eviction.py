@@ -159,7 +159,7 @@ def full_prefill(runner, ids: list[int], window: int):
     return cache, capture, last
 
 
-def run_one_shot(runner, sample: Sample, budgets, window: int) -> tuple[list[dict], dict]:
+def run_one_shot(runner, sample: Sample, budgets, window: int, policies=POLICIES) -> tuple[list[dict], dict]:
     """Rows for the full cache and every (policy, budget), and the full cache's references."""
     cache, capture, last = full_prefill(runner, sample.ids, window)
     n, rows = len(sample.ids), []
@@ -183,7 +183,7 @@ def run_one_shot(runner, sample: Sample, budgets, window: int) -> tuple[list[dic
         }
     )
     for budget in budgets:
-        for name in POLICIES:
+        for name in policies:
             policy = make_policy(name)
             evicted = copy.deepcopy(cache)
             compress(evicted, policy, capture, Eviction(policy, budget, window).keep(n), window)
@@ -200,10 +200,10 @@ def kept_and_memory(cache, n: int) -> tuple[float, float]:
     return cache.mean_length() / n, sum(cache.lengths()) / (n * len(cache.layers))
 
 
-def run_chunked(runner, sample: Sample, budget: float, window: int, ref: dict) -> list[dict]:
+def run_chunked(runner, sample: Sample, budget: float, window: int, ref: dict, policies=POLICIES) -> list[dict]:
     rows = []
     n = len(sample.ids)
-    for name in POLICIES:
+    for name in policies:
         cache, trace = runner.new_cache(), PrefillTrace()
         last = runner.prefill(
             cache, sample.ids, eviction=Eviction(make_policy(name), budget, window), trace=trace
@@ -308,6 +308,7 @@ def markdown(summary: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.4])
+    ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated KV policies (the full cache always runs)")
     ap.add_argument("--passkey", type=int, default=9, help="pass-key samples (depths cycle 10/50/90%%)")
     ap.add_argument("--kv", type=int, default=9, help="key-value retrieval samples")
     ap.add_argument("--fidelity", type=int, default=6, help="document-continuation samples")
@@ -329,6 +330,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.bootstrap:
             print("\n" + bootstrap(rows, args.bootstrap, args.seed))
         return
+    policies = [p for p in args.policies.split(",") if p and p != "full"]
+    for name in policies:
+        make_policy(name)  # an unknown name fails here, before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -340,11 +344,11 @@ def main(argv: list[str] | None = None) -> None:
     rows, chunked_left = [], {t: args.chunked_samples for t in ("passkey", "kv", "fidelity")}
     for i, sample in enumerate(samples):
         t0 = time.time()
-        one_shot, ref = run_one_shot(runner, sample, args.budgets, args.window)
+        one_shot, ref = run_one_shot(runner, sample, args.budgets, args.window, policies)
         rows += one_shot
         if chunked_left[sample.task] > 0:
             chunked_left[sample.task] -= 1
-            rows += run_chunked(runner, sample, args.chunked_budget, args.window, ref)
+            rows += run_chunked(runner, sample, args.chunked_budget, args.window, ref, policies)
         print(
             f"[{i + 1}/{len(samples)}] {sample.task} {len(sample.ids)} tokens {time.time() - t0:.0f}s",
             file=sys.stderr,

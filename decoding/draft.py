@@ -229,45 +229,21 @@ def _prefix_ids(tree: DraftTree) -> list[int]:
     return out
 
 
-def accepted_curve(tree: DraftTree, depth_scale: Sequence[float] | None = None) -> list[float]:
+def accepted_curve(tree: DraftTree) -> list[float]:
     """[N+1] expected accepted draft tokens under the estimate when the tree is cut to its k
     most probable nodes (`tree.top(k)`), for k = 0..N. Lets the engine pick the tree size that
     maximises (1 + curve[k]) / cost(k + 1). Duplicate prefixes (parallel chains) count once.
-    `depth_scale[d - 1]` (when given) multiplies the estimate of every node at depth d: the
-    engine's calibration of what the counts promise against what the model accepts."""
+    The engine passes trees whose probabilities it has calibrated first (NodeCalibration)."""
     if tree.probs is None:
         raise ValueError("tree has no probability estimates (probs is None)")
     probs = tree.probs
     ids = _prefix_ids(tree)
-    depths = tree.depths() if depth_scale is not None else None
     seen: set[int] = set()
     curve = [0.0]
     for i in tree.ranked():
-        gain = 0.0 if ids[i] in seen else probs[i]
-        if depths is not None and gain:
-            gain *= depth_scale[min(depths[i], len(depth_scale)) - 1]
+        curve.append(curve[-1] + (0.0 if ids[i] in seen else probs[i]))
         seen.add(ids[i])
-        curve.append(curve[-1] + gain)
     return curve
-
-
-def promised_by_depth(tree: DraftTree) -> list[float]:
-    """[D] for each depth d = 1..D of the tree: the estimated probability that the accepted path
-    reaches depth d (the sum over distinct depth-d prefixes of their path probabilities; at most
-    one of them can be accepted)."""
-    if tree.probs is None:
-        raise ValueError("tree has no probability estimates (probs is None)")
-    ids = _prefix_ids(tree)
-    seen: set[int] = set()
-    out: list[float] = []
-    for i, d in enumerate(tree.depths()):
-        if ids[i] in seen:
-            continue
-        seen.add(ids[i])
-        while len(out) < d:
-            out.append(0.0)
-        out[d - 1] += tree.probs[i]
-    return out
 
 
 def expected_accepted(tree: DraftTree) -> float:

@@ -5,16 +5,15 @@ second, run [last token] + tree in one forward, accept the longest agreeing path
 token, and keep only those rows in the cache.
 
 The budget needs two estimates. Cost: seconds of a forward with n rows, measured at start-up
-for a ladder of sizes and refined online from every step. Gain: the drafter's per-node path
-probabilities (from trie counts), scaled by a per-sequence calibration per depth: how often the
-accepted path really reached depth d against how often the counts promised it would. Counts are
-overconfident in a depth-dependent way (a continuation seen once in the prompt is "certain" at
-every depth, yet a paraphrasing model leaves it at the first token far more often than midway
-through a copy), so one factor for the whole tree either starves the shallow nodes or pays for
-deep ones that never land. A new sequence starts from the server-wide calibration (the same
-averages over every sequence's steps, floored at PRIOR_FLOOR), so a workload where drafts keep
-failing stops paying for them from a request's first steps, while a copy-heavy request can still
-earn its own calibration back. With nothing worth
+for a ladder of sizes and refined online from every step. Gain: for each draft node, how often
+a node like it (the same depth, a similar path probability from the trie counts) has really
+been the model's continuation (`NodeCalibration`). Counts are overconfident in a
+depth-dependent way (a continuation seen once in the prompt is "certain" at every depth, yet a
+paraphrasing model leaves it at the first token far more often than midway through a copy) and
+underconfident elsewhere (a common token's many continuations each look unlikely, yet the model
+repeats itself). Every tree a step drafts is scored in full against the tokens that follow it,
+verified part or not, so the rates are learned without the bias of seeing only the nodes the
+budget already trusted. A new sequence starts from the server-wide rates. With nothing worth
 drafting the step is a plain one-row forward, so the worst case is plain decoding plus the
 (millisecond) drafting cost.
 """
@@ -26,10 +25,10 @@ import heapq
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from trieserve.decoding.draft import DraftConfig, accepted_curve, draft, promised_by_depth
+from trieserve.decoding.draft import DraftConfig, accepted_curve, draft
 from trieserve.decoding.tree import DraftTree
 from trieserve.decoding.trie import OutputStore, PromptTrie, write_atomically
 from trieserve.decoding.verify import verify_greedy, verify_sampling
@@ -40,11 +39,15 @@ log = logging.getLogger(__name__)
 # cost curve has steps there (a BLAS kernel switching at 8 or 9 rows) that interpolating
 # between 8 and 16 would smooth away. Coarser above, where the curve is close to linear.
 COST_LADDER = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 20, 24, 32, 48, 64, 96, 128, 192, 256)
-# A new sequence trusts the trie counts at least this much. Low enough that a busy batch, where
-# every extra row is expensive, does not draft on a prior the workload has already disproved;
-# high enough that a lone request with confident counts still tries a small (nearly free) tree,
-# so the prior can recover when the workload changes.
-PRIOR_FLOOR = 0.15
+# NodeCalibration's averaging weights: a sequence's own rates follow its text quickly; the
+# server-wide rates a new sequence starts from move slowly. Chosen by replaying the decoding
+# benchmark's greedy outputs through the drafter and budget (no forwards) on its measured
+# cost ladder: 0.1-0.3 per sequence and 0.02-0.1 server-wide gave the same speedups +-3 %.
+SEQ_ALPHA = 0.2
+PRIOR_ALPHA = 0.05
+# When no draft could pay, a lookahead sequence still searches its tries every this many steps
+# (a millisecond, no forward rows) so its calibration keeps learning what the tries would give.
+OBSERVE_EVERY = 4
 # In a batched step a draft must promise this much more than the plain step's tokens per second.
 # A batch's plain step is already efficient (many rows for little more than one row's cost), so
 # drafts there are often near break-even; the estimates are optimistic often enough that a
@@ -131,28 +134,87 @@ def _monotone(seconds: list[float]) -> list[float]:
     return out
 
 
-class DepthCalibration:
-    """accepted / promised per tree depth, as exponential averages of both (so a step that
-    promised little moves the ratio little). `scale()` is what the gain estimates multiply by."""
+# Buckets of the drafter's path probability (from trie counts) and of depth, for NodeCalibration.
+PROB_EDGES = (0.03, 0.07, 0.15, 0.25, 0.4, 0.55, 0.7, 0.85, 0.97)
+DEPTH_EDGES = (2, 3, 4, 5, 7, 10)  # depth buckets 1, 2, 3, 4, 5-6, 7-9, 10+
 
-    def __init__(self, depths: int, start: list[float] | float = 1.0, alpha: float = 0.2) -> None:
-        start = start if isinstance(start, list) else [start] * depths
-        self.accepted = list(start)  # starts as `start` accepted per 1 promised
-        self.promised = [1.0] * depths
+
+class NodeCalibration:
+    """How often a draft node's path is really the model's continuation, by the drafter's own
+    estimate (its path probability, bucketed) and depth: the rates the budget prices nodes at.
+
+    Learned from every tree a step drafted in full, not only the part it verified: once the
+    sequence has committed enough tokens, each node's path either matches them or not, and that
+    is the same event as "verification would have accepted it" (greedy and sampling alike). A
+    calibration learned only from verified nodes sees only the nodes it already trusted: a
+    workload whose trusted nodes fail stops drafting and never learns that its modest nodes
+    land (measured on open-ended writing: docs/benchmarks.md, decoding section).
+
+    Rates are exponential averages per cell; a cell not seen yet borrows `fallback` (the
+    server-wide calibration for a new sequence) and, without one, the drafter's estimate."""
+
+    def __init__(self, alpha: float = 0.1, fallback: NodeCalibration | None = None) -> None:
         self.alpha = alpha
+        self.fallback = fallback
+        self.rates: dict[tuple[int, int], float] = {}
 
-    def scale(self) -> list[float]:
-        return [min(max(a / p, 0.02), 2.0) for a, p in zip(self.accepted, self.promised, strict=True)]
+    @staticmethod
+    def cell(prob: float, depth: int) -> tuple[int, int]:
+        return bisect.bisect_right(DEPTH_EDGES, depth), bisect.bisect_right(PROB_EDGES, prob)
 
-    def observe(self, promised: list[float], reached: int) -> None:
-        """`promised[d-1]`: the estimate that the accepted path reaches depth d; `reached`: the
-        depth it did reach. Depths the tree did not have are left alone."""
-        for d, p in enumerate(promised[: len(self.promised)]):
-            if p <= 0:
-                continue
-            hit = 1.0 if reached > d else 0.0
-            self.accepted[d] += self.alpha * (hit - self.accepted[d])
-            self.promised[d] += self.alpha * (p - self.promised[d])
+    def rate(self, prob: float, depth: int) -> float:
+        key = self.cell(prob, depth)
+        if key in self.rates:
+            return self.rates[key]
+        return self.fallback.rate(prob, depth) if self.fallback is not None else prob
+
+    def observe(self, prob: float, depth: int, hit: bool) -> None:
+        key = self.cell(prob, depth)
+        old = self.rates.get(key)
+        if old is None:
+            old = self.fallback.rate(prob, depth) if self.fallback is not None else prob
+        self.rates[key] = old + self.alpha * (float(hit) - old)
+
+    def observe_tree(self, tree: DraftTree, truth: list[int], done: list[bool] | None = None) -> bool:
+        """Score the nodes of `tree` that `truth` (the tokens committed after the tree's root, as
+        many as are known) decides: a node hits when its path equals truth's first tokens, and
+        misses once truth leaves its path (an ancestor missed: known before truth reaches its
+        depth). `done` marks nodes already scored (updated in place), so a tree can be scored
+        again as more tokens commit. Returns True when every node is scored."""
+        if tree.probs is None:
+            return True
+        done = done if done is not None else [False] * len(tree)
+        state: list[bool | None] = []  # per node: hit, miss, or None (not decided yet)
+        for i, (tok, par, d) in enumerate(zip(tree.tokens, tree.parents, tree.depths(), strict=True)):
+            up = True if par < 0 else state[par]
+            if up is False:
+                state.append(False)
+            elif up is None or d > len(truth):
+                state.append(None)
+            else:
+                state.append(tok == truth[d - 1])
+            if state[i] is not None and not done[i]:
+                done[i] = True
+                self.observe(tree.probs[i], d, state[i])
+        return all(done)
+
+    def calibrated(self, tree: DraftTree) -> DraftTree:
+        """The tree with each node's probability replaced by its calibrated rate (never above
+        its parent's, so `top(k)` still keeps whole paths)."""
+        if tree.probs is None or not len(tree):
+            return tree
+        depths = tree.depths()
+        probs: list[float] = []
+        for i, par in enumerate(tree.parents):
+            p = self.rate(tree.probs[i], depths[i])
+            probs.append(min(p, probs[par]) if par >= 0 else p)
+        return DraftTree(tree.tokens, tree.parents, probs)
+
+    def best_by_depth(self, depths: int) -> list[float]:
+        """The highest rate any node at each depth 1..depths could get: an upper bound for
+        `Speculator._could_pay`."""
+        probs = (0.0, *PROB_EDGES, 1.0)
+        return [max(self.rate(p, d) for p in probs) for d in range(1, depths + 1)]
 
 
 class Payoff:
@@ -208,8 +270,12 @@ class Payoff:
 @dataclass
 class LookaheadState:
     prompt_trie: PromptTrie
-    calibration: DepthCalibration
+    calibration: NodeCalibration
     inserted: int = 0  # output tokens already streamed into the shared store
+    # trees drafted in full and not yet scored against the tokens that followed them:
+    # (output index of the tree's first token, tree, scored in `calibration`, scored in the prior)
+    pending: list[tuple[int, DraftTree, list[bool], list[bool]]] = field(default_factory=list)
+    idle: int = 0  # steps since the tries were last searched
 
 
 class Speculator:
@@ -226,8 +292,8 @@ class Speculator:
         cost_path=None,
     ) -> None:
         self.store = store
-        # server-wide accepted / promised per depth: a new sequence's starting calibration
-        self.prior = DepthCalibration(config.branch_length, alpha=0.05)
+        # server-wide rates: where a new sequence's calibration starts
+        self.prior = NodeCalibration(alpha=PRIOR_ALPHA)
         self.cost_path = cost_path  # where the measured cost ladder is cached (None: not cached)
         self.config = config
         self.decoding_length = decoding_length
@@ -239,14 +305,25 @@ class Speculator:
     # -- lifecycle of a sequence ---------------------------------------------------------------
     def admit(self, seq) -> None:
         trie = PromptTrie(seq.prompt_ids, ngram_len=self.config.ngram_len)
-        # never below PRIOR_FLOOR: a sequence that never drafts never learns that it could
-        start = [max(s, PRIOR_FLOOR) for s in self.prior.scale()]
-        seq.state["lookahead"] = LookaheadState(trie, DepthCalibration(self.config.branch_length, start))
+        seq.state["lookahead"] = LookaheadState(trie, NodeCalibration(SEQ_ALPHA, fallback=self.prior))
 
     def release(self, seq) -> None:
         state = seq.state.pop("lookahead", None)
-        if state is not None and len(seq.output_ids) > state.inserted:
+        if state is None:
+            return
+        self._score_pending(seq, state)
+        if len(seq.output_ids) > state.inserted:
             self.store.insert(seq.output_ids, state.inserted)
+
+    def _score_pending(self, seq, state: LookaheadState) -> None:
+        """Score earlier full trees against the tokens committed since (NodeCalibration)."""
+        still = []
+        for start, tree, mine, prior in state.pending:
+            truth = seq.output_ids[start:]
+            state.calibration.observe_tree(tree, truth, mine)
+            if not self.prior.observe_tree(tree, truth, prior):
+                still.append((start, tree, mine, prior))
+        state.pending = still
 
     def save(self) -> None:
         if self.trie_path is not None:
@@ -272,15 +349,18 @@ class Speculator:
         if self.adaptive and not (self._could_pay(seqs, extra_rows) and (not batched or self.payoff.allows(len(seqs)))):
             for seq in seqs:
                 if seq.lookahead:
-                    self._stream_output(seq)
+                    state: LookaheadState = seq.state["lookahead"]
+                    state.idle += 1
+                    if state.idle >= OBSERVE_EVERY:  # search anyway, only to keep calibrating
+                        self.draft_for(seq)
+                    else:
+                        self._stream_output(seq)
             return [DraftTree.empty() for _ in seqs]
         trees = [self.draft_for(seq) if seq.lookahead else DraftTree.empty() for seq in seqs]
         if not self.adaptive or not any(len(t) for t in trees):
             return trees
-        curves = [
-            _marginals(accepted_curve(t, seq.state["lookahead"].calibration.scale())) if len(t) else []
-            for t, seq in zip(trees, seqs, strict=True)
-        ]
+        trees = [seq.state["lookahead"].calibration.calibrated(t) if len(t) else t for t, seq in zip(trees, seqs, strict=True)]
+        curves = [_marginals(accepted_curve(t)) if len(t) else [] for t in trees]
         keep = allocate(curves, self.cost, self.decoding_length, extra_rows, _margin(seqs))
         return [tree.top(k) for tree, k in zip(trees, keep, strict=True)]
 
@@ -294,8 +374,8 @@ class Speculator:
             if not seq.lookahead:
                 best.append([])
                 continue
-            scale = seq.state["lookahead"].calibration.scale()
-            best.append(sorted((s for s in scale for _ in range(2)), reverse=True)[: self.decoding_length])
+            rates = seq.state["lookahead"].calibration.best_by_depth(self.config.branch_length)
+            best.append(sorted((r for r in rates for _ in range(2)), reverse=True)[: self.decoding_length])
         return any(allocate(best, self.cost, self.decoding_length, extra_rows, _margin(seqs)))
 
     def _stream_output(self, seq) -> None:
@@ -306,9 +386,12 @@ class Speculator:
             state.inserted = len(seq.output_ids)
 
     def draft_for(self, seq) -> DraftTree:
-        """The full-budget tree for one sequence (streams its new output into the store first)."""
+        """The full-budget tree for one sequence (streams its new output into the store first,
+        and keeps the tree to calibrate on once the tokens after it are known)."""
         state: LookaheadState = seq.state["lookahead"]
         self._stream_output(seq)
+        self._score_pending(seq, state)
+        state.idle = 0
         remaining = seq.request.max_tokens - len(seq.output_ids)
         budget = min(self.decoding_length, max(remaining - 1, 0), runner_room(seq))
         if budget <= 0:
@@ -317,7 +400,10 @@ class Speculator:
         context = seq.output_ids[-m:]
         if len(context) < m:
             context = seq.prompt_ids[-(m - len(context)) :] + context
-        return draft(context, budget, self.config, state.prompt_trie, self.store)
+        tree = draft(context, budget, self.config, state.prompt_trie, self.store)
+        if len(tree):
+            state.pending.append((len(seq.output_ids), tree, [False] * len(tree), [False] * len(tree)))
+        return tree
 
     def accept(self, seq, tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
         """Verify the step's logits [N+1, V] against the tree, keep the accepted rows in the
@@ -328,11 +414,6 @@ class Speculator:
             verdict = verify_sampling(tree, logits, seq.params, seq.prompt_ids, seq.output_ids, seq.generator)
         seq.cache.keep_path(len(tree) + 1, [0, *verdict.rows])
         seq.logical_len += 1 + len(verdict.rows)
-        if len(tree):
-            state: LookaheadState = seq.state["lookahead"]
-            promised = promised_by_depth(tree)
-            state.calibration.observe(promised, len(verdict.rows))
-            self.prior.observe(promised, len(verdict.rows))
         return verdict.tokens, len(verdict.rows)
 
     def observe(self, rows: int, seconds: float) -> None:

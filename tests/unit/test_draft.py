@@ -15,7 +15,6 @@ from trieserve.decoding.draft import (
     accepted_curve,
     draft,
     expected_accepted,
-    promised_by_depth,
 )
 from trieserve.decoding.tree import DraftTree
 from trieserve.decoding.trie import OutputStore, PromptTrie
@@ -200,15 +199,3 @@ def test_drafting_is_fast():
         d[i] = i
     calibration = time.perf_counter() - start
     assert best < 0.002 or best < 5 * calibration, f"draft took {best * 1e3:.2f} ms"
-
-
-def test_promised_by_depth_and_depth_scaled_curve():
-    # root -> a (0.6) -> b (0.5); root -> c (0.3); a duplicate of a's prefix counts once
-    tree = DraftTree(tokens=[1, 2, 3, 1], parents=[-1, 0, -1, -1], probs=[0.6, 0.5, 0.3, 0.6])
-    assert promised_by_depth(tree) == pytest.approx([0.9, 0.5])
-    curve = accepted_curve(tree, depth_scale=[0.5, 0.1])
-    # ranked: a (0.6 * 0.5), the duplicate of a (0), b (0.5 * 0.1), c (0.3 * 0.5)
-    assert curve == pytest.approx([0.0, 0.3, 0.3, 0.35, 0.5])
-    assert accepted_curve(tree, depth_scale=[1.0, 1.0]) == pytest.approx(accepted_curve(tree))
-    deep = DraftTree(tokens=[1, 2, 3], parents=[-1, 0, 1], probs=[1.0, 1.0, 1.0])
-    assert accepted_curve(deep, depth_scale=[0.5])[-1] == pytest.approx(1.5)  # deeper than the scale: its last entry

@@ -73,7 +73,7 @@ def test_new_sequences_start_from_the_server_wide_calibration():
 
     from trieserve.decoding.draft import DraftConfig
     from trieserve.decoding.trie import OutputStore
-    from trieserve.server.speculation import PRIOR_FLOOR, Speculator
+    from trieserve.server.speculation import Speculator
 
     config = DraftConfig()
     spec = Speculator(OutputStore(capacity=1000, ngram_len=config.ngram_len), config, 8, StepCost([1], [1.0]))
@@ -81,43 +81,58 @@ def test_new_sequences_start_from_the_server_wide_calibration():
     def admitted():
         seq = SimpleNamespace(prompt_ids=[1, 2, 3, 4], state={})
         spec.admit(seq)
-        return seq.state["lookahead"].calibration.scale()
+        return seq.state["lookahead"].calibration
 
-    depths = config.branch_length
-    assert admitted() == [1.0] * depths
-    spec.prior.accepted = [0.8] * depths
-    assert admitted() == pytest.approx([0.8] * depths)
-    spec.prior.accepted[0] = 0.01  # first tokens have kept failing everywhere: start low, but able to learn
-    assert admitted()[0] == PRIOR_FLOOR and admitted()[1] == pytest.approx(0.8)
-
-
-def test_depth_calibration_learns_where_drafts_fail():
-    """Chains promised as certain whose first token lands 1 time in 3 and, once it does, run
-    to the end: the first depth is scaled down to ~1/3, and every deeper depth to about the
-    same (reaching depth d needs the first token), not to accepted/promised over the whole tree."""
-    from trieserve.server.speculation import DepthCalibration
-
-    cal = DepthCalibration(4, alpha=0.05)
-    for step in range(600):
-        cal.observe([1.0, 1.0, 1.0, 1.0], reached=4 if step % 3 == 0 else 0)
-    scale = cal.scale()
-    assert scale[0] == pytest.approx(1 / 3, abs=0.08)
-    assert scale[3] == pytest.approx(1 / 3, abs=0.08)
-    cal.observe([0.5, 0.0, 0.0, 0.0], reached=1)  # depths the tree did not reach are left alone
-    assert cal.scale()[3] == scale[3]
-    assert cal.scale()[0] > scale[0]
+    assert admitted().rate(0.9, 1) == 0.9  # nothing learned anywhere: the drafter's own estimate
+    for _ in range(200):
+        spec.prior.observe(0.9, 1, hit=False)  # "certain" first tokens have kept failing everywhere
+    cal = admitted()
+    assert cal.rate(0.9, 1) < 0.01 and cal.rate(0.9, 2) == 0.9
+    for _ in range(20):
+        cal.observe(0.9, 1, hit=True)  # this sequence copies: it earns its own rate back
+    assert cal.rate(0.9, 1) > 0.9 and admitted().rate(0.9, 1) < 0.01
 
 
-def test_depth_calibration_is_bounded():
-    from trieserve.server.speculation import DepthCalibration
+def test_node_calibration_scores_whole_trees_against_the_tokens_that_followed():
+    """Every node is scored once: a hit when its path is the committed text, a miss as soon as
+    the text leaves its path (even before the text reaches its depth), undecided until then."""
+    from trieserve.decoding.tree import DraftTree
+    from trieserve.server.speculation import NodeCalibration
 
-    cal = DepthCalibration(2)
-    for _ in range(100):
-        cal.observe([1e-6, 1e-6], reached=2)  # the counts promised almost nothing, all landed
-    assert max(cal.scale()) == 2.0
-    for _ in range(100):
-        cal.observe([1.0, 1.0], reached=0)
-    assert min(cal.scale()) == 0.02
+    # root -> 1 (0.9) -> 2 (0.8) -> 3 (0.5);  root -> 1 -> 4 (0.1);  root -> 7 (0.05) -> 8 (0.04)
+    tree = DraftTree(tokens=[1, 2, 3, 4, 7, 8], parents=[-1, 0, 1, 0, -1, 4], probs=[0.9, 0.8, 0.5, 0.1, 0.05, 0.04])
+    cal = NodeCalibration(alpha=1.0)  # each observation replaces its cell's rate: easy to read
+    done = [False] * 6
+    assert not cal.observe_tree(tree, [1], done)
+    # depth 1 decided: 1 hit, 7 missed and so did its child 8; 2, 3 and 4 wait for more text
+    assert done == [True, False, False, False, True, True]
+    assert cal.rate(0.9, 1) == 1.0 and cal.rate(0.05, 1) == 0.0 and cal.rate(0.04, 2) == 0.0
+    assert cal.rate(0.8, 2) == 0.8  # not seen yet: the estimate
+    assert cal.observe_tree(tree, [1, 2, 9], done)  # 2 hit, 4 and 3 missed: all decided
+    assert cal.rate(0.8, 2) == 1.0 and cal.rate(0.1, 2) == 0.0 and cal.rate(0.5, 3) == 0.0
+    rates = dict(cal.rates)
+    assert cal.observe_tree(tree, [1, 2, 9, 5], done) and cal.rates == rates  # nothing scored twice
+
+
+def test_calibrated_trees_rank_by_learned_rates_and_keep_whole_paths():
+    from trieserve.decoding.draft import accepted_curve
+    from trieserve.decoding.tree import DraftTree
+    from trieserve.server.speculation import NodeCalibration
+
+    cal = NodeCalibration(alpha=1.0)
+    cal.observe(0.9, 1, hit=False)  # the counts' "certain" first tokens fail here...
+    cal.observe(0.2, 1, hit=True)  # ...and their modest ones land
+    cal.observe(0.9, 2, hit=True)
+    tree = DraftTree(tokens=[1, 2, 3], parents=[-1, 0, -1], probs=[0.9, 0.9, 0.2])
+    out = cal.calibrated(tree)
+    assert out.probs == [0.0, 0.0, 1.0]  # a child never above its parent
+    assert out.top(1).tokens == [3]
+    assert accepted_curve(out) == [0.0, 1.0, 1.0, 1.0]
+    # the upper bound the budget's quick check uses: the best rate any node could get per depth
+    assert cal.best_by_depth(3) == [1.0, 1.0, 1.0]
+    for p in (0.0, 0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0):
+        cal.observe(p, 3, hit=False)
+    assert cal.best_by_depth(3)[2] == 0.0
 
 
 def test_no_trie_search_when_no_draft_could_pay_for_the_batch():
@@ -145,8 +160,11 @@ def test_no_trie_search_when_no_draft_could_pay_for_the_batch():
     searched = []
     spec.draft_for = lambda seq, orig=spec.draft_for: searched.append(seq) or orig(seq)
     batch = [sequence() for _ in range(8)]
-    for seq in batch:
-        seq.state["lookahead"].calibration.accepted = [0.1] * config.branch_length
+    for seq in batch:  # every kind of node has landed 1 time in 10
+        cal = seq.state["lookahead"].calibration
+        for depth in range(1, config.branch_length + 1):
+            for p in (0.0, 0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0):
+                cal.rates[cal.cell(p, depth)] = 0.1
     assert [len(t) for t in spec.plan(None, batch)] == [0] * 8
     assert searched == []
     assert spec.store.find([5, 6]) is not None  # the output was streamed into the store
