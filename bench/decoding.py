@@ -408,7 +408,7 @@ def summary_table(runs: list[Run], workloads: list[str], methods: list[str]) -> 
 
 
 def target_lines(runs: list[Run], workloads: list[str]) -> list[str]:
-    """Issue 3's targets, checked on what was measured."""
+    """The lookahead targets, checked on what was measured."""
     out = []
 
     def check(label: str, value: float | None, goal: float, unit: str) -> None:
@@ -562,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["## All workloads", "", *method_table(runs, None, args.methods), ""]
     targets = target_lines(runs, args.workloads)
     if targets:
-        lines += ["## Issue 3 targets", "", *targets, ""]
+        lines += ["## Targets", "", *targets, ""]
     mismatched = [r for r in runs if r.method in TS_METHODS and r.identical is False]
     if mismatched:
         lines += [

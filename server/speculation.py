@@ -366,9 +366,9 @@ class Speculator:
 
     def _could_pay(self, seqs: list, extra_rows: int = 0) -> bool:
         """An upper bound on what drafting can gain this step: every sequence's tree as good as
-        a tree can be under its calibration (each depth d promised twice over at scale[d], the
-        most a tree with shorter-match branches can promise per depth). If even that loses to a
-        plain step, drafting cannot pay."""
+        a tree can be under its calibration (two nodes at each depth d, each at the best rate
+        any node at depth d has, as a tree with shorter-match branches can have). If even that
+        loses to a plain step, drafting cannot pay."""
         best = []
         for seq in seqs:
             if not seq.lookahead:
