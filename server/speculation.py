@@ -157,6 +157,8 @@ class NodeCalibration:
         self.alpha = alpha
         self.fallback = fallback
         self.rates: dict[tuple[int, int], float] = {}
+        self.version = 0  # bumped by every update (best_by_depth's cache key)
+        self._best: tuple[tuple, list[float]] | None = None
 
     @staticmethod
     def cell(prob: float, depth: int) -> tuple[int, int]:
@@ -174,6 +176,7 @@ class NodeCalibration:
         if old is None:
             old = self.fallback.rate(prob, depth) if self.fallback is not None else prob
         self.rates[key] = old + self.alpha * (float(hit) - old)
+        self.version += 1
 
     def observe_tree(self, tree: DraftTree, truth: list[int], done: list[bool] | None = None) -> bool:
         """Score the nodes of `tree` that `truth` (the tokens committed after the tree's root, as
@@ -213,8 +216,11 @@ class NodeCalibration:
     def best_by_depth(self, depths: int) -> list[float]:
         """The highest rate any node at each depth 1..depths could get: an upper bound for
         `Speculator._could_pay`."""
-        probs = (0.0, *PROB_EDGES, 1.0)
-        return [max(self.rate(p, d) for p in probs) for d in range(1, depths + 1)]
+        key = (depths, self.version, self.fallback.version if self.fallback is not None else 0)
+        if self._best is None or self._best[0] != key:  # asked every step: computed on change only
+            probs = (0.0, *PROB_EDGES, 1.0)
+            self._best = key, [max(self.rate(p, d) for p in probs) for d in range(1, depths + 1)]
+        return self._best[1]
 
 
 class Payoff:
@@ -276,6 +282,7 @@ class LookaheadState:
     # (output index of the tree's first token, tree, scored in `calibration`, scored in the prior)
     pending: list[tuple[int, DraftTree, list[bool], list[bool]]] = field(default_factory=list)
     idle: int = 0  # steps since the tries were last searched
+    estimate: float = 0.0  # expected accepted draft tokens of the tree `plan` last kept
 
 
 class Speculator:
@@ -301,6 +308,9 @@ class Speculator:
         self.trie_path = trie_path
         self.adaptive = adaptive
         self.payoff = Payoff()
+        # accepted and estimated draft tokens of verified trees (exponential averages): how far
+        # the rates overrate the nodes the budget picks, since it picks the ones rated highest
+        self.realism = [1.0, 1.0]
 
     # -- lifecycle of a sequence ---------------------------------------------------------------
     def admit(self, seq) -> None:
@@ -360,8 +370,15 @@ class Speculator:
         if not self.adaptive or not any(len(t) for t in trees):
             return trees
         trees = [seq.state["lookahead"].calibration.calibrated(t) if len(t) else t for t, seq in zip(trees, seqs, strict=True)]
-        curves = [_marginals(accepted_curve(t)) if len(t) else [] for t in trees]
-        keep = allocate(curves, self.cost, self.decoding_length, extra_rows, _margin(seqs))
+        curves = [accepted_curve(t) if len(t) else [0.0] for t in trees]
+        # in a batch, where a plain step is already efficient and drafts are close calls, the
+        # estimates are discounted by how much verified trees have fallen short of them
+        discount = min(1.0, self.realism[0] / max(self.realism[1], 1e-9)) if batched else 1.0
+        marginals = [[m * discount for m in _marginals(c)] for c in curves]
+        keep = allocate(marginals, self.cost, self.decoding_length, extra_rows, _margin(seqs))
+        for seq, curve, k in zip(seqs, curves, keep, strict=True):
+            if seq.lookahead:
+                seq.state["lookahead"].estimate = curve[k]
         return [tree.top(k) for tree, k in zip(trees, keep, strict=True)]
 
     def _could_pay(self, seqs: list, extra_rows: int = 0) -> bool:
@@ -414,7 +431,15 @@ class Speculator:
             verdict = verify_sampling(tree, logits, seq.params, seq.prompt_ids, seq.output_ids, seq.generator)
         seq.cache.keep_path(len(tree) + 1, [0, *verdict.rows])
         seq.logical_len += 1 + len(verdict.rows)
+        if len(tree):
+            self.settle(seq, len(verdict.rows))
         return verdict.tokens, len(verdict.rows)
+
+    def settle(self, seq, accepted: int, alpha: float = 0.02) -> None:
+        """A verified tree accepted `accepted` draft tokens against its estimate from `plan`."""
+        estimate = seq.state["lookahead"].estimate
+        self.realism[0] += alpha * (accepted - self.realism[0])
+        self.realism[1] += alpha * (estimate - self.realism[1])
 
     def observe(self, rows: int, seconds: float) -> None:
         if self.cost is not None:

@@ -222,3 +222,36 @@ def test_a_margin_blocks_near_break_even_drafts_only():
     assert sum(allocate(near, flat8, margin=0.2)) == 0  # not a 20% one
     weak = [[0.5]] + [[]] * 7  # 8.5 / 1.65 = 5.15: +3%, a break-even bet
     assert sum(allocate(weak, flat8)) == 1 and sum(allocate(weak, flat8, margin=0.1)) == 0
+
+
+def test_batched_drafts_are_discounted_by_how_far_verified_trees_fell_short():
+    """Verified trees accepting a quarter of their estimate make a batch draft less; a lone
+    request's budget is left as it is."""
+    from types import SimpleNamespace
+
+    from trieserve.decoding.draft import DraftConfig
+    from trieserve.decoding.trie import OutputStore
+    from trieserve.server.speculation import Speculator
+
+    config = DraftConfig()
+    cost = StepCost([1, 2, 4, 8, 16, 32, 64], [1.0, 1.0, 1.05, 1.1, 1.3, 1.8, 3.0])
+    spec = Speculator(OutputStore(capacity=1000, ngram_len=config.ngram_len), config, 32, cost)
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18] * 3
+
+    def sequence():
+        seq = SimpleNamespace(prompt_ids=prompt, output_ids=[5, 6, 7], state={}, lookahead=True,
+                              request=SimpleNamespace(max_tokens=64), max_context=2048, logical_len=45)  # fmt: skip
+        spec.admit(seq)
+        return seq
+
+    def sizes(seqs):
+        return [len(t) for t in spec.plan(None, seqs)]
+
+    batch = [sequence(), sequence()]
+    trusted, alone = sizes(batch), sizes([batch[0]])
+    assert min(trusted) > 0
+    for _ in range(300):
+        spec.settle(batch[0], accepted=0)  # trees keep falling short of their estimates
+    assert spec.realism[0] < 0.25 * spec.realism[1]
+    assert sum(sizes(batch)) < sum(trusted)
+    assert sizes([batch[0]]) == alone
