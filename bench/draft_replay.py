@@ -10,7 +10,8 @@ length is read off the known continuation (exactly what verification would accep
 step's model time is priced by the cost ladder the run measured at start-up. That isolates the
 drafter and the budget from this machine's noise and from everything but forwards:
 
-- tokens per step (hardware independent, for the ladder's choices),
+- tokens per decode step (hardware independent, for the ladder's choices; the first token,
+  from prefill, is not counted),
 - modelled speedup = plain decoding's model time (one row per token) / the replay's,
 
 for the adaptive budget and for fixed tree sizes (`--fixed`, every step drafting up to k nodes
@@ -55,7 +56,7 @@ def ladder(text: str) -> StepCost:
 
 
 def replay_workload(prompts, outputs, cost, settings: Settings, fixed: int | None, warm: bool) -> tuple[int, int, float]:
-    """(tokens, steps, modelled seconds) over a workload's prompts, one Speculator throughout
+    """(decoded tokens, decode steps, modelled seconds) over a workload's prompts, one Speculator throughout
     (its server-wide calibration carries over from prompt to prompt, as in the engine)."""
     config = DraftConfig(settings.lookahead_mode, settings.max_match, settings.branch_length)
     length = settings.decoding_length if fixed is None else fixed
@@ -68,9 +69,10 @@ def replay_workload(prompts, outputs, cost, settings: Settings, fixed: int | Non
             for j, other in enumerate(outputs):
                 if j != i:
                     spec.store.insert(other)
+        # the first token comes from prefill's logits, as in the engine: decode steps start after it
         seq = SimpleNamespace(
-            prompt_ids=ids, output_ids=[], state={}, lookahead=True, request=SimpleNamespace(max_tokens=len(out)),
-            max_context=1 << 30, logical_len=len(ids),
+            prompt_ids=ids, output_ids=out[:1], state={}, lookahead=True, request=SimpleNamespace(max_tokens=len(out)),
+            max_context=1 << 30, logical_len=len(ids) + 1,
         )  # fmt: skip
         spec.admit(seq)
         while len(seq.output_ids) < len(out):
@@ -81,7 +83,7 @@ def replay_workload(prompts, outputs, cost, settings: Settings, fixed: int | Non
             seconds += cost(len(tree) + 1)
             steps += 1
         spec.release(seq)
-        tokens += len(out)
+        tokens += len(out) - 1
     return tokens, steps, seconds
 
 

@@ -48,6 +48,8 @@ PRIOR_ALPHA = 0.05
 # When no draft could pay, a lookahead sequence still searches its tries every this many steps
 # (a millisecond, no forward rows) so its calibration keeps learning what the tries would give.
 OBSERVE_EVERY = 4
+# The batch discount (Speculator.realism) never scales estimates below this.
+DISCOUNT_FLOOR = 0.25
 # In a batched step a draft must promise this much more than the plain step's tokens per second.
 # A batch's plain step is already efficient (many rows for little more than one row's cost), so
 # drafts there are often near break-even; the estimates are optimistic often enough that a
@@ -218,7 +220,8 @@ class NodeCalibration:
         `Speculator._could_pay`."""
         key = (depths, self.version, self.fallback.version if self.fallback is not None else 0)
         if self._best is None or self._best[0] != key:  # asked every step: computed on change only
-            probs = (0.0, *PROB_EDGES, 1.0)
+            # each bucket at its top: a cell not learned yet rates a node at its own estimate
+            probs = (*(edge - 1e-9 for edge in PROB_EDGES), 1.0)
             self._best = key, [max(self.rate(p, d) for p in probs) for d in range(1, depths + 1)]
         return self._best[1]
 
@@ -345,7 +348,7 @@ class Speculator:
         speculating), sized together so the whole step maximises expected tokens per second
         (see `allocate`); `extra_rows` ride in the same forward (prefill chunks). When not even
         trees certain to be accepted could pay for their rows in this step, no sequence drafts
-        and the tries are not searched at all."""
+        and the tries are searched only every OBSERVE_EVERY steps per sequence, to calibrate."""
         if self.cost is None:  # lookahead off by default: measured when first asked for
             rows = self.decoding_length + 1
             self.cost = StepCost.cached(runner, rows, self.cost_path) if self.cost_path else StepCost.measure(runner, rows)
@@ -353,7 +356,7 @@ class Speculator:
         # cheap next to the chunk's rows, but they are sized by the same estimates. It guards
         # batched steps only: alone, a failed draft's step is slower than a plain one by nature,
         # so a few misses would read as a loss and back off for up to max_explore steps, while
-        # the per-depth calibration already prices misses (measured on a lone RAG request:
+        # the node calibration already prices misses (measured on a lone RAG request:
         # docs/benchmarks.md, decoding section)
         batched = len(seqs) > 1
         if self.adaptive and not (self._could_pay(seqs, extra_rows) and (not batched or self.payoff.allows(len(seqs)))):
@@ -373,7 +376,9 @@ class Speculator:
         curves = [accepted_curve(t) if len(t) else [0.0] for t in trees]
         # in a batch, where a plain step is already efficient and drafts are close calls, the
         # estimates are discounted by how much verified trees have fallen short of them
-        discount = min(1.0, self.realism[0] / max(self.realism[1], 1e-9)) if batched else 1.0
+        # (floored: only verified trees move it, so a discount that stopped every batched draft
+        # could recover only through lone requests)
+        discount = min(1.0, max(DISCOUNT_FLOOR, self.realism[0] / max(self.realism[1], 1e-9))) if batched else 1.0
         marginals = [[m * discount for m in _marginals(c)] for c in curves]
         keep = allocate(marginals, self.cost, self.decoding_length, extra_rows, _margin(seqs))
         for seq, curve, k in zip(seqs, curves, keep, strict=True):
@@ -382,10 +387,11 @@ class Speculator:
         return [tree.top(k) for tree, k in zip(trees, keep, strict=True)]
 
     def _could_pay(self, seqs: list, extra_rows: int = 0) -> bool:
-        """An upper bound on what drafting can gain this step: every sequence's tree as good as
-        a tree can be under its calibration (two nodes at each depth d, each at the best rate
-        any node at depth d has, as a tree with shorter-match branches can have). If even that
-        loses to a plain step, drafting cannot pay."""
+        """A quick bound on what drafting can gain this step: every sequence's tree as good as
+        a tree usually gets under its calibration (two nodes at each depth d, each at the best
+        rate any node at depth d has, as a tree with shorter-match branches can have; a wide fan
+        of well-rated siblings could do better, so this is a heuristic, not a proof). If even
+        that loses to a plain step, the step does not draft."""
         best = []
         for seq in seqs:
             if not seq.lookahead:
@@ -418,7 +424,7 @@ class Speculator:
         if len(context) < m:
             context = seq.prompt_ids[-(m - len(context)) :] + context
         tree = draft(context, budget, self.config, state.prompt_trie, self.store)
-        if len(tree):
+        if len(tree) and self.adaptive:  # only the adaptive budget uses the calibration
             state.pending.append((len(seq.output_ids), tree, [False] * len(tree), [False] * len(tree)))
         return tree
 
@@ -431,7 +437,7 @@ class Speculator:
             verdict = verify_sampling(tree, logits, seq.params, seq.prompt_ids, seq.output_ids, seq.generator)
         seq.cache.keep_path(len(tree) + 1, [0, *verdict.rows])
         seq.logical_len += 1 + len(verdict.rows)
-        if len(tree):
+        if len(tree) and self.adaptive:
             self.settle(seq, len(verdict.rows))
         return verdict.tokens, len(verdict.rows)
 

@@ -110,8 +110,8 @@ def test_node_calibration_scores_whole_trees_against_the_tokens_that_followed():
     assert cal.rate(0.8, 2) == 0.8  # not seen yet: the estimate
     assert cal.observe_tree(tree, [1, 2, 9], done)  # 2 hit, 4 and 3 missed: all decided
     assert cal.rate(0.8, 2) == 1.0 and cal.rate(0.1, 2) == 0.0 and cal.rate(0.5, 3) == 0.0
-    rates = dict(cal.rates)
-    assert cal.observe_tree(tree, [1, 2, 9, 5], done) and cal.rates == rates  # nothing scored twice
+    version = cal.version
+    assert cal.observe_tree(tree, [1, 2, 9, 5], done) and cal.version == version  # nothing scored twice
 
 
 def test_calibrated_trees_rank_by_learned_rates_and_keep_whole_paths():
@@ -165,6 +165,7 @@ def test_no_trie_search_when_no_draft_could_pay_for_the_batch():
         for depth in range(1, config.branch_length + 1):
             for p in (0.0, 0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0):
                 cal.rates[cal.cell(p, depth)] = 0.1
+        cal.version += 1  # rates written directly: best_by_depth must see them
     assert [len(t) for t in spec.plan(None, batch)] == [0] * 8
     assert searched == []
     assert spec.store.find([5, 6]) is not None  # the output was streamed into the store
@@ -234,7 +235,7 @@ def test_batched_drafts_are_discounted_by_how_far_verified_trees_fell_short():
     from trieserve.server.speculation import Speculator
 
     config = DraftConfig()
-    cost = StepCost([1, 2, 4, 8, 16, 32, 64], [1.0, 1.0, 1.05, 1.1, 1.3, 1.8, 3.0])
+    cost = StepCost([1, 2, 4, 8, 16, 32, 64], [1.0, 1.0, 1.3, 1.8, 3.0, 5.0, 9.0])
     spec = Speculator(OutputStore(capacity=1000, ngram_len=config.ngram_len), config, 32, cost)
     prompt = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18] * 3
 
@@ -255,3 +256,32 @@ def test_batched_drafts_are_discounted_by_how_far_verified_trees_fell_short():
     assert spec.realism[0] < 0.25 * spec.realism[1]
     assert sum(sizes(batch)) < sum(trusted)
     assert sizes([batch[0]]) == alone
+
+
+def test_drafted_trees_are_scored_against_the_tokens_that_follow_them():
+    """The wiring: a tree drafted in `plan` is kept with the output index of its first token
+    and scored once the sequence commits tokens (here at `release`), into the sequence's and
+    the server-wide rates."""
+    from types import SimpleNamespace
+
+    from trieserve.decoding.draft import DraftConfig
+    from trieserve.decoding.trie import OutputStore
+    from trieserve.server.speculation import Speculator
+
+    config = DraftConfig()
+    spec = Speculator(OutputStore(capacity=1000, ngram_len=config.ngram_len), config, 16, StepCost([1, 64], [1.0, 1.0]))
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12] * 4
+    seq = SimpleNamespace(prompt_ids=prompt, output_ids=[5, 6, 7], state={}, lookahead=True,
+                          request=SimpleNamespace(max_tokens=64), max_context=2048, logical_len=35)  # fmt: skip
+    spec.admit(seq)
+    tree = spec.plan(None, [seq])[0]
+    assert len(tree) and tree.tokens[0] == 8  # the prompt continues 5 6 7 with 8
+    (start, full, _, _), = seq.state["lookahead"].pending
+    assert start == 3 and full.tokens[0] == 8
+    cal = seq.state["lookahead"].calibration
+    seq.output_ids += [8, 42]  # the model took the draft's first token, then left it
+    spec.plan(None, [seq])  # scores what is known so far, before drafting again
+    assert cal.rate(full.probs[0], 1) == 1.0
+    assert cal.rate(full.probs[1], 2) < full.probs[1]  # 9 was drafted at depth 2, 42 came
+    spec.release(seq)
+    assert spec.prior.rates and "lookahead" not in seq.state
