@@ -180,12 +180,15 @@ class NodeCalibration:
         self.rates[key] = old + self.alpha * (float(hit) - old)
         self.version += 1
 
-    def observe_tree(self, tree: DraftTree, truth: list[int], done: list[bool] | None = None) -> bool:
+    def observe_tree(
+        self, tree: DraftTree, truth: list[int], done: list[bool] | None = None, also: NodeCalibration | None = None
+    ) -> bool:
         """Score the nodes of `tree` that `truth` (the tokens committed after the tree's root, as
         many as are known) decides: a node hits when its path equals truth's first tokens, and
         misses once truth leaves its path (an ancestor missed: known before truth reaches its
         depth). `done` marks nodes already scored (updated in place), so a tree can be scored
-        again as more tokens commit. Returns True when every node is scored."""
+        again as more tokens commit; `also` (the server-wide rates) learns the same outcomes
+        from the same walk. Returns True when every node is scored."""
         if tree.probs is None:
             return True
         done = done if done is not None else [False] * len(tree)
@@ -201,6 +204,8 @@ class NodeCalibration:
             if state[i] is not None and not done[i]:
                 done[i] = True
                 self.observe(tree.probs[i], d, state[i])
+                if also is not None:
+                    also.observe(tree.probs[i], d, state[i])
         return all(done)
 
     def calibrated(self, tree: DraftTree) -> DraftTree:
@@ -282,8 +287,8 @@ class LookaheadState:
     calibration: NodeCalibration
     inserted: int = 0  # output tokens already streamed into the shared store
     # trees drafted in full and not yet scored against the tokens that followed them:
-    # (output index of the tree's first token, tree, scored in `calibration`, scored in the prior)
-    pending: list[tuple[int, DraftTree, list[bool], list[bool]]] = field(default_factory=list)
+    # (output index of the tree's first token, tree, which nodes are scored)
+    pending: list[tuple[int, DraftTree, list[bool]]] = field(default_factory=list)
     idle: int = 0  # steps since the tries were last searched
     estimate: float = 0.0  # expected accepted draft tokens of the tree `plan` last kept
 
@@ -329,14 +334,13 @@ class Speculator:
             self.store.insert(seq.output_ids, state.inserted)
 
     def _score_pending(self, seq, state: LookaheadState) -> None:
-        """Score earlier full trees against the tokens committed since (NodeCalibration)."""
-        still = []
-        for start, tree, mine, prior in state.pending:
-            truth = seq.output_ids[start:]
-            state.calibration.observe_tree(tree, truth, mine)
-            if not self.prior.observe_tree(tree, truth, prior):
-                still.append((start, tree, mine, prior))
-        state.pending = still
+        """Score earlier full trees against the tokens committed since, into the sequence's and
+        the server-wide rates (NodeCalibration)."""
+        state.pending = [
+            entry
+            for entry in state.pending
+            if not state.calibration.observe_tree(entry[1], seq.output_ids[entry[0] :], entry[2], also=self.prior)
+        ]
 
     def save(self) -> None:
         if self.trie_path is not None:
@@ -425,7 +429,7 @@ class Speculator:
             context = seq.prompt_ids[-(m - len(context)) :] + context
         tree = draft(context, budget, self.config, state.prompt_trie, self.store)
         if len(tree) and self.adaptive:  # only the adaptive budget uses the calibration
-            state.pending.append((len(seq.output_ids), tree, [False] * len(tree), [False] * len(tree)))
+            state.pending.append((len(seq.output_ids), tree, [False] * len(tree)))
         return tree
 
     def accept(self, seq, tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
