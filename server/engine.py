@@ -265,9 +265,9 @@ class Engine:
         forward_start = time.perf_counter()
         logits = self.runner.step_batch([s.cache for s in [*seqs, *prefilling]], parts + prefill_parts)
         elapsed = time.perf_counter() - forward_start
-        if speculating:
-            # the flattened batch computes one row per sequence and draft node, plus the chunks
-            self.speculator.observe(sum(len(t) + 1 for t in trees) + extra_rows, elapsed)
+        if speculating and not prefilling:  # a chunk's rows would blur what the decode rows cost
+            # the flattened batch computes one row per sequence and draft node
+            self.speculator.observe(sum(len(t) + 1 for t in trees), elapsed, len(seqs), any(len(t) for t in trees))
         for seq, rows in zip(prefilling, logits[len(seqs) :], strict=True):
             self._prefilled_chunk(seq, rows, elapsed)
         emitted = 0

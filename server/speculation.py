@@ -59,12 +59,24 @@ BATCH_MARGIN = 0.1
 
 class StepCost:
     """Seconds of one forward as a function of the rows it carries (piecewise linear over a
-    ladder of sizes). Online updates are an exponential average per ladder point."""
+    ladder of sizes, measured on one sequence). Online updates from one-sequence forwards are an
+    exponential average per ladder point.
+
+    A batched forward costs more than the ladder says for its rows (attention runs sequence by
+    sequence, and more sequences make a step slower in a way the rows alone do not show). That
+    extra is learned apart, per number of sequences, as the ratio of real to ladder seconds for
+    plain steps and for drafting ones; `for_batch` prices a batch's draft rows with the ratio of
+    the two. Batched steps never move the ladder itself: they did once, and a plain 8-sequence
+    step (8 rows, every one slowed by the batch) lifted the 8-row point above the ladder's 10-
+    to 24-row points, so adding draft rows to a batch looked free (measured on chat at
+    concurrency 8: drafting steps priced at 1.05x a plain step cost 1.7x; docs/benchmarks.md)."""
 
     def __init__(self, sizes: list[int], seconds: list[float], alpha: float = 0.05) -> None:
         self.sizes = list(sizes)
         self.seconds = list(seconds)
         self.alpha = alpha
+        # sequences in a batched forward -> [plain, drafting] averages of real / ladder seconds
+        self.batched: dict[int, list[float | None]] = {}
 
     @classmethod
     def measure(cls, runner, max_rows: int, prefix: int = 128, rounds: int = 5) -> StepCost:
@@ -120,13 +132,51 @@ class StepCost:
         w = (rows - lo) / (hi - lo)
         return self.seconds[i - 1] * (1 - w) + self.seconds[i] * w
 
-    def observe(self, rows: int, seconds: float) -> None:
+    def observe(self, rows: int, seconds: float, seqs: int = 1, drafted: bool = False) -> None:
+        """A forward of `rows` rows over `seqs` sequences took `seconds` (`drafted`: it carried
+        draft rows)."""
+        if seqs > 1:
+            self._observe_batched(rows, seconds, seqs, drafted)
+            return
         i = min(bisect.bisect_left(self.sizes, rows), len(self.sizes) - 1)
         # scale the observation to the ladder point so neighbouring sizes share what they learn;
         # clamp it so one step slowed by outside load moves the estimate only a little
         scaled = seconds * self(self.sizes[i]) / max(self(rows), 1e-9)
         scaled = min(max(scaled, 0.5 * self.seconds[i]), 2.0 * self.seconds[i])
         self.seconds[i] += self.alpha * (scaled - self.seconds[i])
+        # keep the ladder non-decreasing: a cost that fell with more rows would make rows look free
+        for j in range(i + 1, len(self.seconds)):
+            self.seconds[j] = max(self.seconds[j], self.seconds[i])
+        for j in range(i):
+            self.seconds[j] = min(self.seconds[j], self.seconds[i])
+
+    def _observe_batched(self, rows: int, seconds: float, seqs: int, drafted: bool, alpha: float = 0.1) -> None:
+        ratio = seconds / max(self(rows), 1e-9)
+        pair = self.batched.setdefault(seqs, [None, None])
+        i = 1 if drafted else 0
+        old = pair[i]
+        if old is None:
+            pair[i] = ratio
+        else:  # damped and clamped like the ladder's own updates
+            pair[i] = old + alpha * (min(max(ratio, 0.5 * old), 2.0 * old) - old)
+
+    def draft_penalty(self, seqs: int) -> float:
+        """How much dearer, relative to the ladder, a drafting forward of `seqs` sequences has
+        been than a plain one (1.0 until both were seen; one sequence: the ladder is its own)."""
+        pair = self.batched.get(seqs)
+        if seqs <= 1 or pair is None or pair[0] is None or pair[1] is None:
+            return 1.0
+        return pair[1] / pair[0]
+
+    def for_batch(self, seqs: int, base_rows: int):
+        """Cost by rows for a step of `seqs` decoding sequences whose rows without a draft are
+        `base_rows`: the ladder, with draft rows priced at the batch's learned penalty. (A step
+        that also carries prefill chunks borrows the decode-only figures for its batch size: such
+        steps are not observed, a chunk's rows would blur what the decode rows cost.)"""
+        penalty = self.draft_penalty(seqs)
+        if penalty == 1.0:
+            return self
+        return lambda rows: self(rows) * (penalty if rows > base_rows else 1.0)
 
 
 def _monotone(seconds: list[float]) -> list[float]:
@@ -384,7 +434,8 @@ class Speculator:
         # could recover only through lone requests)
         discount = min(1.0, max(DISCOUNT_FLOOR, self.realism[0] / max(self.realism[1], 1e-9))) if batched else 1.0
         marginals = [[m * discount for m in _marginals(c)] for c in curves]
-        keep = allocate(marginals, self.cost, self.decoding_length, extra_rows, _margin(seqs))
+        cost = self.cost.for_batch(len(seqs), len(seqs) + extra_rows)
+        keep = allocate(marginals, cost, self.decoding_length, extra_rows, _margin(seqs))
         for seq, curve, k in zip(seqs, curves, keep, strict=True):
             if seq.lookahead:
                 seq.state["lookahead"].estimate = curve[k]
@@ -403,7 +454,8 @@ class Speculator:
                 continue
             rates = seq.state["lookahead"].calibration.best_by_depth(self.config.branch_length)
             best.append(sorted((r for r in rates for _ in range(2)), reverse=True)[: self.decoding_length])
-        return any(allocate(best, self.cost, self.decoding_length, extra_rows, _margin(seqs)))
+        cost = self.cost.for_batch(len(seqs), len(seqs) + extra_rows)
+        return any(allocate(best, cost, self.decoding_length, extra_rows, _margin(seqs)))
 
     def _stream_output(self, seq) -> None:
         """Insert the sequence's output tokens not yet in the shared store."""
@@ -451,9 +503,9 @@ class Speculator:
         self.realism[0] += alpha * (accepted - self.realism[0])
         self.realism[1] += alpha * (estimate - self.realism[1])
 
-    def observe(self, rows: int, seconds: float) -> None:
+    def observe(self, rows: int, seconds: float, seqs: int = 1, drafted: bool = False) -> None:
         if self.cost is not None:
-            self.cost.observe(rows, seconds)
+            self.cost.observe(rows, seconds, seqs, drafted)
 
     def outcome(self, seqs: int, drafted: bool, tokens: int, seconds: float) -> None:
         """A finished step: `tokens` emitted by `seqs` sequences in `seconds` (drafting,

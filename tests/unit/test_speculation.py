@@ -285,3 +285,34 @@ def test_drafted_trees_are_scored_against_the_tokens_that_follow_them():
     assert cal.rate(full.probs[1], 2) < full.probs[1]  # 9 was drafted at depth 2, 42 came
     spec.release(seq)
     assert spec.prior.rates and "lookahead" not in seq.state
+
+
+def test_batched_steps_do_not_move_the_ladder_but_price_draft_rows():
+    """Plain 8-sequence steps are dearer than 8 ladder rows (attention per sequence); that must
+    not lift the 8-row point above the 10-row one, or draft rows would look free in a batch."""
+    cost = StepCost([1, 8, 10, 32], [1.0, 1.2, 1.4, 2.2])
+    for _ in range(200):
+        cost.observe(8, 1.9, seqs=8, drafted=False)  # every plain batched step 1.58x its ladder rows
+    assert cost(8) == pytest.approx(1.2) and cost(10) == pytest.approx(1.4)
+    assert cost.for_batch(8, 8) is cost  # no drafting step seen yet: the ladder's shape
+    for _ in range(200):
+        cost.observe(10, 1.4 * 1.58 * 1.25, seqs=8, drafted=True)  # drafting steps 25 % dearer still
+    assert cost.draft_penalty(8) == pytest.approx(1.25, rel=0.01)
+    priced = cost.for_batch(8, 8)
+    assert priced(8) == pytest.approx(1.2)  # the plain step is the ladder's
+    assert priced(10) == pytest.approx(1.4 * 1.25, rel=0.01)
+    assert cost.draft_penalty(4) == 1.0  # other batch sizes learn their own
+    # and the allocation sees it: two nodes promising 1.7 tokens pay at the ladder's prices
+    # (9.7 tokens / 1.4 beats 8 / 1.2), not once drafting steps are known to cost 25 % more
+    assert sum(allocate([[0.9, 0.8]] + [[]] * 7, cost)) == 2
+    assert sum(allocate([[0.9, 0.8]] + [[]] * 7, priced)) == 0
+
+
+def test_one_sequence_updates_keep_the_ladder_non_decreasing():
+    cost = StepCost([1, 8, 10], [1.0, 1.2, 1.3])
+    for _ in range(100):
+        cost.observe(8, 2.0)  # the 8-row point rises past the 10-row one...
+    assert cost(10) >= cost(8)  # ...and lifts it with it
+    for _ in range(100):
+        cost.observe(1, 0.6)
+    assert cost(1) <= cost(8) <= cost(10)
