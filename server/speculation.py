@@ -154,7 +154,9 @@ class StepCost:
         ratio = seconds / max(self(rows), 1e-9)
         pair = self.batched.setdefault(seqs, [None, None])
         i = 1 if drafted else 0
-        old = pair[i]
+        # a first drafting step starts from the plain ratio: one noisy step must not set the
+        # penalty outright (a high one suppresses the very drafts that would correct it)
+        old = pair[i] if pair[i] is not None or not drafted else pair[0]
         if old is None:
             pair[i] = ratio
         else:  # damped and clamped like the ladder's own updates
