@@ -316,3 +316,30 @@ def test_one_sequence_updates_keep_the_ladder_non_decreasing():
     for _ in range(100):
         cost.observe(1, 0.6)
     assert cost(1) <= cost(8) <= cost(10)
+
+
+def test_plan_prices_a_batch_s_draft_rows_with_its_learned_penalty():
+    """The wiring: `Speculator.observe` with a batch size reaches the penalty, and the budget's
+    quick bound uses it (a batch that could draft on the ladder's prices cannot once drafting
+    steps have cost far more than plain ones)."""
+    from types import SimpleNamespace
+
+    from trieserve.decoding.draft import DraftConfig
+    from trieserve.decoding.trie import OutputStore
+    from trieserve.server.speculation import Speculator
+
+    config = DraftConfig()
+    cost = StepCost([1, 2, 4, 8, 16, 32, 64], [1.0, 1.0, 1.05, 1.1, 1.3, 1.8, 3.0])
+    spec = Speculator(OutputStore(capacity=1000, ngram_len=config.ngram_len), config, 16, cost)
+    batch = []
+    for _ in range(2):
+        seq = SimpleNamespace(prompt_ids=[5, 6, 7] * 4, output_ids=[], state={}, lookahead=True,
+                              request=SimpleNamespace(max_tokens=64), max_context=2048, logical_len=12)  # fmt: skip
+        spec.admit(seq)
+        batch.append(seq)
+    assert spec._could_pay(batch)  # fresh rates, cheap rows
+    for _ in range(300):
+        spec.observe(2, 1.0, seqs=2, drafted=False)
+        spec.observe(10, 1.3 * 40, seqs=2, drafted=True)  # drafting steps 40x their ladder price
+    assert cost.draft_penalty(2) > 30
+    assert not spec._could_pay(batch)
