@@ -220,9 +220,7 @@ class EngineRunner:
     def reset_trie(self) -> RecordingStore:
         """Replace the shared output store with an empty one (a cold trie)."""
         spec = self.engine.speculator
-        spec.store = RecordingStore(
-            capacity=spec.store.capacity, ngram_len=spec.config.ngram_len, tag=spec.store.tag
-        )
+        spec.store = RecordingStore(capacity=spec.store.capacity, ngram_len=spec.config.ngram_len, tag=spec.store.tag)
         return spec.store
 
     def cost_table(self) -> str:
@@ -309,11 +307,7 @@ def run_benchmark(args, hf: HFRunner, ts: EngineRunner, workloads: dict[str, lis
                     if not run.identical and method in TS_METHODS:
                         report_mismatch(run, reference, ts.tokenizer, prompt)
                 runs.append(run)
-                extra = (
-                    f" drafted {run.drafted} accepted {run.accepted}"
-                    if method in ("ts_cold", "ts_warm")
-                    else ""
-                )
+                extra = f" drafted {run.drafted} accepted {run.accepted}" if method in ("ts_cold", "ts_warm") else ""
                 log(
                     f"{workload} #{i} {prompt.name} [{len(prompt.prompt_ids)} tok] {method}: {run.n} tokens "
                     f"{run.seconds:.2f}s {run.n / run.seconds:.1f} tok/s {run.n / max(run.forwards, 1):.2f} tok/fwd"
@@ -393,14 +387,8 @@ def summary_table(runs: list[Run], workloads: list[str], methods: list[str]) -> 
             f"{hf.rate:.1f}",
         ]
         row += [ratio(totals(runs, w, m), hf) for m in shown]
-        row += [
-            ratio(totals(runs, w, m), totals(runs, w, "hf_pld"))
-            for m in ("ts_cold", "ts_warm")
-            if m in methods
-        ]
-        row += [
-            f"{totals(runs, w, m).per_forward:.2f}" for m in ("hf_pld", "ts_cold", "ts_warm") if m in methods
-        ]
+        row += [ratio(totals(runs, w, m), totals(runs, w, "hf_pld")) for m in ("ts_cold", "ts_warm") if m in methods]
+        row += [f"{totals(runs, w, m).per_forward:.2f}" for m in ("hf_pld", "ts_cold", "ts_warm") if m in methods]
         shares = [r.copy for r in runs if r.method == "hf_greedy" and (w is None or r.workload == w)]
         row += [f"{100 * sum(shares) / len(shares):.0f}%" if shares else "-"]
         lines.append("| " + " | ".join(row) + " |")
@@ -468,9 +456,7 @@ def log(msg: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--workloads", default=",".join(WORKLOADS), help=f"comma-separated subset of {','.join(WORKLOADS)}"
-    )
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated subset of {','.join(WORKLOADS)}")
     p.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),
@@ -510,9 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = ts.tokenizer
 
     def first_answer(messages: list[dict]) -> str:
-        tokens, _, _ = hf.generate(
-            encode_chat(tokenizer, messages), pld=False, max_new_tokens=args.first_turn_tokens
-        )
+        tokens, _, _ = hf.generate(encode_chat(tokenizer, messages), pld=False, max_new_tokens=args.first_turn_tokens)
         return tokenizer.decode(tokens, skip_special_tokens=True)
 
     workloads: dict[str, list[Prompt]] = {}
@@ -568,10 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += [
             "## TOKEN MISMATCHES",
             "",
-            *[
-                f"- {r.method} on {r.workload} #{r.prompt} ({workloads[r.workload][r.prompt].name})"
-                for r in mismatched
-            ],
+            *[f"- {r.method} on {r.workload} #{r.prompt} ({workloads[r.workload][r.prompt].name})" for r in mismatched],
             "",
         ]
     report = "\n".join(lines)
@@ -593,9 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         args.output_json.write_text(json.dumps(payload, indent=1))
     if mismatched:
-        print(
-            f"\nFAILED: {len(mismatched)} trieserve run(s) differ from HF greedy (see above)", file=sys.stderr
-        )
+        print(f"\nFAILED: {len(mismatched)} trieserve run(s) differ from HF greedy (see above)", file=sys.stderr)
         return 1
     return 0
 

@@ -55,7 +55,9 @@ def ladder(text: str) -> StepCost:
     return StepCost([int(n) for n, _ in pairs], [float(ms) / 1e3 for _, ms in pairs])
 
 
-def replay_workload(prompts, outputs, cost, settings: Settings, fixed: int | None, warm: bool) -> tuple[int, int, float]:
+def replay_workload(
+    prompts, outputs, cost, settings: Settings, fixed: int | None, warm: bool
+) -> tuple[int, int, float]:
     """(decoded tokens, decode steps, modelled seconds) over a workload's prompts, one Speculator throughout
     (its server-wide calibration carries over from prompt to prompt, as in the engine)."""
     config = DraftConfig(settings.lookahead_mode, settings.max_match, settings.branch_length)
@@ -97,7 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(settings.model, settings.cache_dir))
     cost = ladder(data["cost_ms"][0])
     greedy = {(r["workload"], r["prompt"]): r["tokens"] for r in data["runs"] if r["method"] == "hf_greedy"}
-    arms: list[tuple[str, int | None]] = [("adaptive", None)] + [(f"fixed {k}", int(k)) for k in args.fixed.split(",") if k]
+    arms: list[tuple[str, int | None]] = [("adaptive", None)] + [
+        (f"fixed {k}", int(k)) for k in args.fixed.split(",") if k
+    ]
     print(f"replay of `{data['command']}`\ncost ladder (ms): {data['cost_ms'][0]}\n")
     print("| workload | trie | " + " | ".join(name for name, _ in arms) + " |")
     print("|---|---|" + "---|" * len(arms))

@@ -205,9 +205,7 @@ def run_chunked(runner, sample: Sample, budget: float, window: int, ref: dict, p
     n = len(sample.ids)
     for name in policies:
         cache, trace = runner.new_cache(), PrefillTrace()
-        last = runner.prefill(
-            cache, sample.ids, eviction=Eviction(make_policy(name), budget, window), trace=trace
-        )
+        last = runner.prefill(cache, sample.ids, eviction=Eviction(make_policy(name), budget, window), trace=trace)
         kept, memory = kept_and_memory(cache, n)
         row = {"mode": "chunked", "policy": name, "budget": budget, "kept": kept, "memory": memory}
         row["peak"] = trace.peak_bytes / (ref["row_bytes"] * n)
@@ -221,9 +219,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     for r in rows:
         groups.setdefault((r["mode"], r["policy"], r["budget"]), []).append(r)
     full = groups[("one-shot", "full", 1.0)]
-    base = {
-        t: statistics.mean(r[t] for r in full if t in r) for t in (*TASKS, "kl") if any(t in r for r in full)
-    }
+    base = {t: statistics.mean(r[t] for r in full if t in r) for t in (*TASKS, "kl") if any(t in r for r in full)}
     extra = ("kl", "passkey_em", "kv_em")
     out = []
     for (mode, policy, budget), rs in groups.items():
@@ -266,7 +262,10 @@ def bootstrap(rows: list[dict], resamples: int, seed: int = 0, baseline: str = "
             draws.setdefault((policy, budget), [[], []])[0].append(loss)
             if base:  # a resample where the baseline lost nothing has no ratio (counted below)
                 draws[(policy, budget)][1].append(loss / base)
-    lines = [f"| policy | budget | overall loss, 90 % interval | loss / {baseline}'s, 90 % interval |", "|---|---|---|---|"]
+    lines = [
+        f"| policy | budget | overall loss, 90 % interval | loss / {baseline}'s, 90 % interval |",
+        "|---|---|---|---|",
+    ]
     for (policy, budget), (losses, ratios) in sorted(draws.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         if policy == "full":
             continue
@@ -308,7 +307,9 @@ def markdown(summary: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.4])
-    ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated KV policies (the full cache always runs)")
+    ap.add_argument(
+        "--policies", default=",".join(POLICIES), help="comma-separated KV policies (the full cache always runs)"
+    )
     ap.add_argument("--passkey", type=int, default=9, help="pass-key samples (depths cycle 10/50/90%%)")
     ap.add_argument("--kv", type=int, default=9, help="key-value retrieval samples")
     ap.add_argument("--fidelity", type=int, default=6, help="document-continuation samples")

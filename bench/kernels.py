@@ -172,15 +172,11 @@ def main() -> int:
     rows = []
     if on_gpu:
         device = torch.device("cuda")
-        print(
-            f"GPU: {torch.cuda.get_device_name()}; triton: {'yes' if HAS_TRITON else 'no (references only)'}"
-        )
+        print(f"GPU: {torch.cuda.get_device_name()}; triton: {'yes' if HAS_TRITON else 'no (references only)'}")
         for dtype in (torch.float16, torch.bfloat16):
             tree_sizes = [(1, p, t) for p in (1024, 8192, 32768) for t in (16, 64, 128)] + [(8, 2048, 64)]
             rows += bench_tree_attention(tree_sizes, dtype, device, args.reps, with_triton)
-            rows += bench_eviction_scores(
-                [(1024, 32), (8192, 32), (32768, 32)], dtype, device, args.reps, with_triton
-            )
+            rows += bench_eviction_scores([(1024, 32), (8192, 32), (32768, 32)], dtype, device, args.reps, with_triton)
             rows += bench_compact_kv([(1, 8192, 1024), (8, 4096, 512)], dtype, device, args.reps, with_triton)
         rows += bench_verify([(1, 16), (1, 64), (1, 128), (8, 64)], device, args.reps, with_triton)
     else:

@@ -59,9 +59,7 @@ def stdlib_doc(dotted: str) -> str:
 
 
 _BADGE = re.compile(r"^\s*(\[!\[|<div|<img|\.\. image::|\s+:(target|alt):)")
-_TAIL_HEADINGS = re.compile(
-    r"^#+\s*(Donate|Contributing|License|Links)\b|^(Contributing|License|Code of Conduct)\s*$"
-)
+_TAIL_HEADINGS = re.compile(r"^#+\s*(Donate|Contributing|License|Links)\b|^(Contributing|License|Code of Conduct)\s*$")
 
 
 def readme(dist: str) -> str:
@@ -309,15 +307,9 @@ def edit_requests(src: str) -> list[str]:
     assert isinstance(fn, ast.FunctionDef)
     requests = []
     params = [a.arg for a in fn.args.args + fn.args.kwonlyargs if a.arg not in ("self", "cls")]
-    shared = {
-        name for node in ast.walk(fn) if isinstance(node, (ast.Global, ast.Nonlocal)) for name in node.names
-    }
+    shared = {name for node in ast.walk(fn) if isinstance(node, (ast.Global, ast.Nonlocal)) for name in node.names}
     assigned = {
-        t.id
-        for node in ast.walk(fn)
-        if isinstance(node, ast.Assign)
-        for t in node.targets
-        if isinstance(t, ast.Name)
+        t.id for node in ast.walk(fn) if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)
     }
     local_names = sorted(n for n in assigned - shared - set(params) if not n.startswith("_"))
     for name in params[:1] + local_names[:2]:

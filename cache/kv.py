@@ -143,9 +143,7 @@ class GrowableLayer(DynamicLayer):
         index = index.clamp(min=0)
         keys = torch.empty(B, H, K + reserve, self._k.shape[-1], dtype=self.dtype, device=self.device)
         values = torch.empty(B, H, K + reserve, self._v.shape[-1], dtype=self.dtype, device=self.device)
-        compact_kv(
-            self.keys, self.values, index.to(self.device), out_k=keys[:, :, :K], out_v=values[:, :, :K]
-        )
+        compact_kv(self.keys, self.values, index.to(self.device), out_k=keys[:, :, :K], out_v=values[:, :, :K])
         self.replace(keys, values)
         if not bool(valid.all()):
             self._valid = torch.ones(B, H, K + reserve, dtype=torch.bool, device=self.device)
@@ -171,7 +169,9 @@ class KVCache(Cache):
 
     def total_rows(self) -> int:
         """Real cached entries over all layers and KV heads (padding rows not counted)."""
-        return round(sum(layer.kept_rows() * (layer._k.shape[1] if layer._k is not None else 0) for layer in self.layers))
+        return round(
+            sum(layer.kept_rows() * (layer._k.shape[1] if layer._k is not None else 0) for layer in self.layers)
+        )
 
     def truncate_new(self, n_new: int, keep: int) -> None:
         """After a step that appended `n_new` rows to every layer, keep only the first `keep` of them."""

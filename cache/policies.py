@@ -37,6 +37,7 @@ from trieserve.kernels.eviction_scores import eviction_scores
 # budgets: the cap on padding, so memory stays within 1.25x the budget.
 HEAD_CAP = 1.25
 
+
 def top_rows(scores: torch.Tensor, n: int) -> torch.Tensor:
     """Indices of the n highest scores per (batch, head), ascending. scores fp32 [B, H, P] ->
     int64 [B, H, n]. Ties go to the later (more recent) row, so the choice is deterministic."""
@@ -228,9 +229,7 @@ class LayerDefensivePolicy(DefensivePolicy):
         chosen = torch.zeros_like(flat, dtype=torch.bool)
         chosen[flat.topk(total).indices] = True
         counts = torch.stack([c.sum() for c in chosen.split([n * B * H for n in sizes])]).double() / (B * H)
-        return {
-            layer: window + k for layer, k in zip(layers, _round_preserving_sum(counts, sizes), strict=True)
-        }
+        return {layer: window + k for layer, k in zip(layers, _round_preserving_sum(counts, sizes), strict=True)}
 
 
 def _round_preserving_sum(values: torch.Tensor, caps: list[int]) -> list[int]:

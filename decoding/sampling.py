@@ -72,9 +72,7 @@ def apply_penalties(
         seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
         if seen.numel():
             vals = logits[seen]
-            logits[seen] = torch.where(
-                vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty
-            )
+            logits[seen] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
     if output_ids and (params.presence_penalty != 0.0 or params.frequency_penalty != 0.0):
         ids, counts = torch.tensor(list(output_ids), dtype=torch.long).unique(return_counts=True)
         logits[ids] -= params.presence_penalty + params.frequency_penalty * counts.to(logits.dtype)

@@ -151,9 +151,7 @@ class PackedStep:
     parent_rows: torch.Tensor
 
 
-def pack(
-    tree: DraftTree, last_token: int, logical_len: int, device: torch.device | str | None = None
-) -> PackedStep:
+def pack(tree: DraftTree, last_token: int, logical_len: int, device: torch.device | str | None = None) -> PackedStep:
     """Lay out a tree for one forward pass. `logical_len` tokens are already in the KV cache
     (positions 0..logical_len-1), so the last committed token sits at position logical_len.
     Tensors are built on the host and copied once each to `device` (default CPU)."""

@@ -81,9 +81,7 @@ if triton is not None:
             for d0 in range(0, D, BLOCK_D):
                 d = d0 + offs_d
                 m = r_ok[:, None] & (d < D)[None, :]
-                rows = tl.load(
-                    src_ptr + b * ssb + h * ssh + src_row[:, None] * sss + d[None, :] * ssd, mask=m
-                )
+                rows = tl.load(src_ptr + b * ssb + h * ssh + src_row[:, None] * sss + d[None, :] * ssd, mask=m)
                 tl.debug_barrier()  # every read of this block lands before any write of it
                 tl.store(dst_ptr + b * sdb + h * sdh + r[:, None] * sdk + d[None, :] * sdd, rows, mask=m)
             tl.debug_barrier()  # and this block's writes land before the next block's reads

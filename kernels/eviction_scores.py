@@ -40,9 +40,7 @@ AGGREGATIONS = ("mean", "defensive")
 
 def _check(q_win: torch.Tensor, k: torch.Tensor, aggregation: str, pool_kernel: int) -> None:
     if q_win.dim() != 4 or k.dim() != 4:
-        raise ValueError(
-            f"expected q_win [B,Hq,W,D], k [B,Hkv,S,D]; got {tuple(q_win.shape)}, {tuple(k.shape)}"
-        )
+        raise ValueError(f"expected q_win [B,Hq,W,D], k [B,Hkv,S,D]; got {tuple(q_win.shape)}, {tuple(k.shape)}")
     B, Hq, W, D = q_win.shape
     if k.shape[0] != B or k.shape[3] != D or Hq % k.shape[1] != 0:
         raise ValueError(f"q_win {tuple(q_win.shape)} does not match k {tuple(k.shape)}")

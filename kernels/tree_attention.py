@@ -70,9 +70,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, anc_bits: torch.Te
     if T > k.shape[2]:
         raise ValueError(f"tree length T={T} must be <= S={k.shape[2]}")
     if anc_bits.shape != (B, T, (T + 31) // 32) or anc_bits.dtype != torch.int32:
-        raise ValueError(
-            f"anc_bits must be int32 [B, T, ceil(T/32)], got {anc_bits.dtype} {tuple(anc_bits.shape)}"
-        )
+        raise ValueError(f"anc_bits must be int32 [B, T, ceil(T/32)], got {anc_bits.dtype} {tuple(anc_bits.shape)}")
     if kv_len.shape != (B,):
         raise ValueError(f"kv_len must be [B], got {tuple(kv_len.shape)}")
 
@@ -177,9 +175,7 @@ if triton is not None:
             k = tl.load(k_base + cols[:, None] * sks, mask=kv_mask, other=0.0)
             v = tl.load(v_base + cols[:, None] * svs, mask=kv_mask, other=0.0)
             word_mask = row_ok[:, None] & col_ok[None, :]
-            words = tl.load(
-                anc_ptr + b * sab + i[:, None] * sat + (j // 32)[None, :], mask=word_mask, other=0
-            )
+            words = tl.load(anc_ptr + b * sab + i[:, None] * sat + (j // 32)[None, :], mask=word_mask, other=0)
             seen = ((words >> (j % 32)[None, :]) & 1) != 0
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             qk = tl.where(seen & word_mask, qk, float("-inf"))
@@ -222,8 +218,7 @@ if triton is not None:
             scale = tl.exp2(m_s - m_use)
             total += l_s * scale
             acc += (
-                tl.load(part_acc_ptr + part_row[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
-                * scale[:, None]
+                tl.load(part_acc_ptr + part_row[:, None] * D + offs_d[None, :], mask=mask, other=0.0) * scale[:, None]
             )
         out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
         b = pid_bh // Hkv

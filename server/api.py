@@ -176,7 +176,9 @@ def _check_auth(request: Request, keys: list[str], metrics_open: bool) -> JSONRe
     ok = scheme.lower() == "bearer" and sum(hmac.compare_digest(given, k.encode()) for k in keys) > 0
     if ok:
         return None
-    body = error_body("invalid or missing API key (send 'Authorization: Bearer KEY')", "authentication_error", None, "invalid_api_key")
+    body = error_body(
+        "invalid or missing API key (send 'Authorization: Bearer KEY')", "authentication_error", None, "invalid_api_key"
+    )
     return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
 
@@ -196,7 +198,9 @@ async def _check_size(request: Request, limit: int) -> JSONResponse | None:
 # ---- request building ----------------------------------------------------------------------
 def _check_model(body: SamplingFields, state: ServerState) -> None:
     if body.model is not None and body.model not in state.model_names:
-        raise ModelNotFoundRequestError(f"the model {body.model!r} does not exist; this server serves {state.model_name!r}", "model")
+        raise ModelNotFoundRequestError(
+            f"the model {body.model!r} does not exist; this server serves {state.model_name!r}", "model"
+        )
 
 
 def _completion_prompt(body: CompletionRequest, state: ServerState) -> list[int]:
@@ -325,7 +329,13 @@ async def _stream(events, seq, rid, created, model, chat, include_usage, timeout
 
     def chunk(delta_text: str | None, finish_reason: str | None, first: bool = False, **extra) -> str:
         if chat:
-            delta = {"role": "assistant", "content": delta_text or ""} if first else {"content": delta_text} if delta_text else {}
+            delta = (
+                {"role": "assistant", "content": delta_text or ""}
+                if first
+                else {"content": delta_text}
+                if delta_text
+                else {}
+            )
             choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
         else:
             choice = {"index": 0, "text": delta_text or "", "finish_reason": finish_reason, "logprobs": None}
@@ -346,13 +356,25 @@ async def _stream(events, seq, rid, created, model, chat, include_usage, timeout
                     yield chunk(ev.text, None)
             elif isinstance(ev, Failure):
                 err = ev.error
-                body = err.body() if isinstance(err, TrieserveError) else error_body(f"generation failed: {err}", "server_error")
+                body = (
+                    err.body()
+                    if isinstance(err, TrieserveError)
+                    else error_body(f"generation failed: {err}", "server_error")
+                )
                 yield f"data: {json.dumps(body)}\n\n"
                 break
             elif isinstance(ev, Finish):
                 yield chunk(None, ev.reason, stats=ev.stats)
                 if include_usage:
-                    usage = {"id": rid, "object": kind, "created": created, "model": model, "choices": [], "usage": _usage(ev), "stats": ev.stats}
+                    usage = {
+                        "id": rid,
+                        "object": kind,
+                        "created": created,
+                        "model": model,
+                        "choices": [],
+                        "usage": _usage(ev),
+                        "stats": ev.stats,
+                    }
                     yield f"data: {json.dumps(usage)}\n\n"
                 break
         yield "data: [DONE]\n\n"
@@ -393,7 +415,9 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            error_body(str(exc.detail), kind), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):

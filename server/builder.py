@@ -37,7 +37,9 @@ def build_engine(settings: Settings, metrics=None):
         kv_budget=settings.kv_budget,
         kv_window=settings.kv_window,
     )
-    engine = Engine(runner, tokenizer, config, metrics=metrics, speculator=build_speculator(settings, runner, path.name))
+    engine = Engine(
+        runner, tokenizer, config, metrics=metrics, speculator=build_speculator(settings, runner, path.name)
+    )
     engine.start()
     return engine, tokenizer
 
@@ -46,7 +48,9 @@ def build_speculator(settings: Settings, runner: ModelRunner, model_tag: str) ->
     """The lookahead machinery; None when drafting is off for good (decoding_length 0)."""
     if settings.decoding_length == 0:
         return None
-    config = DraftConfig(mode=settings.lookahead_mode, max_match=settings.max_match, branch_length=settings.branch_length)
+    config = DraftConfig(
+        mode=settings.lookahead_mode, max_match=settings.max_match, branch_length=settings.branch_length
+    )
     tag = f"{model_tag}:{runner.vocab_size}"
     store = OutputStore(capacity=settings.trie_capacity, ngram_len=config.ngram_len, tag=tag)
     path = settings.trie_path
@@ -60,7 +64,13 @@ def build_speculator(settings: Settings, runner: ModelRunner, model_tag: str) ->
     cost_path = settings.cache_dir / "step-cost" / f"{_hardware_key(settings, runner, model_tag)}.json"
     cost = StepCost.cached(runner, settings.decoding_length + 1, cost_path) if settings.lookahead else None
     return Speculator(
-        store, config, settings.decoding_length, cost, trie_path=path, adaptive=settings.adaptive_budget, cost_path=cost_path
+        store,
+        config,
+        settings.decoding_length,
+        cost,
+        trie_path=path,
+        adaptive=settings.adaptive_budget,
+        cost_path=cost_path,
     )
 
 

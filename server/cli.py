@@ -45,8 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(serve)
     prep = sub.add_parser("prepare-model", help="convert the default model once and print its folder")
     prep.add_argument("--model", default=None, help="a local HF folder to check instead of the default model")
-    prep.add_argument("--cache-dir", type=Path, default=None, help="where converted models live [env TRIESERVE_CACHE_DIR]")
-    sub.add_parser("loadtest", help="load-test an OpenAI-compatible endpoint (see `trieserve loadtest --help`)", add_help=False)
+    prep.add_argument(
+        "--cache-dir", type=Path, default=None, help="where converted models live [env TRIESERVE_CACHE_DIR]"
+    )
+    sub.add_parser(
+        "loadtest", help="load-test an OpenAI-compatible endpoint (see `trieserve loadtest --help`)", add_help=False
+    )
     return parser
 
 
@@ -89,7 +93,13 @@ def serve(settings: Settings) -> int:
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(ServerState(settings))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
+    )
     return 0
 
 

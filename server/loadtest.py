@@ -160,9 +160,7 @@ def copy_prompts(n: int, input_len: int, rng: random.Random) -> list[str]:
             doc = _excerpt(text, budget, starts, rng)
             terms = sorted({w for w in re.findall(r"[A-Za-z]{7,}", doc)}) or ["this"]
             question = f"What does the document say about {rng.choice(terms).lower()}?"
-            prompts.append(
-                f"{rng.choice(DOC_TASKS)}\n\n<document>\n{doc}\n</document>\n\nQuestion: {question}"
-            )
+            prompts.append(f"{rng.choice(DOC_TASKS)}\n\n<document>\n{doc}\n</document>\n\nQuestion: {question}")
     return prompts
 
 
@@ -272,9 +270,7 @@ def _failure_kind(r: RequestResult) -> str:
     return "stream_error" if r.status == 200 else str(r.status)  # an error event after the stream began
 
 
-def summarize(
-    results: Sequence[RequestResult], duration: float, percentiles: Iterable[float] = (90, 99)
-) -> dict:
+def summarize(results: Sequence[RequestResult], duration: float, percentiles: Iterable[float] = (90, 99)) -> dict:
     """Aggregate one run: counts, throughputs (tokens from usage) and latency statistics."""
     done = [r for r in results if r.ok]
     failed = Counter(_failure_kind(r) for r in results if not r.ok and r.status != 429)
@@ -319,9 +315,7 @@ def parse_prometheus(text: str) -> Samples:
         m = _SAMPLE.match(line)
         if not m:
             continue
-        labels = tuple(
-            sorted((k, v.replace('\\"', '"').replace("\\\\", "\\")) for k, v in _LABEL.findall(m[2] or ""))
-        )
+        labels = tuple(sorted((k, v.replace('\\"', '"').replace("\\\\", "\\")) for k, v in _LABEL.findall(m[2] or "")))
         try:
             samples[(m[1], labels)] = float(m[3])
         except ValueError:
@@ -375,9 +369,7 @@ def server_figures(before: Samples, after: Samples) -> dict[str, float | None]:
         d("trieserve_kv_tokens_kept_total"),
         d("trieserve_kv_tokens_seen_total"),
     )
-    figures["mean_accepted_length"] = _ratio(
-        d("trieserve_accepted_length_sum"), d("trieserve_accepted_length_count")
-    )
+    figures["mean_accepted_length"] = _ratio(d("trieserve_accepted_length_sum"), d("trieserve_accepted_length_count"))
     figures["metrics_source"] = "prometheus"
     return figures
 
@@ -457,9 +449,7 @@ def _chunk_text(chunk: dict) -> str:
     return text
 
 
-async def send_request(
-    client: httpx.AsyncClient, target: Target, prompt: str, lookahead: bool | None
-) -> RequestResult:
+async def send_request(client: httpx.AsyncClient, target: Target, prompt: str, lookahead: bool | None) -> RequestResult:
     """Stream one completion and time it."""
     r = RequestResult()
     start = time.perf_counter()
@@ -888,9 +878,7 @@ def _list(kind: type) -> Callable[[str], list]:
         try:
             values = [kind(v) for v in text.split(",") if v.strip()]
         except ValueError as e:
-            raise argparse.ArgumentTypeError(
-                f"expected comma-separated {kind.__name__}s, got {text!r}"
-            ) from e
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from e
         if not values or any(v <= 0 for v in values):
             raise argparse.ArgumentTypeError(f"expected positive values, got {text!r}")
         return values
@@ -934,9 +922,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     g.add_argument("--wait-ready", type=float, default=0.0, help="first wait up to this long for /health 200")
     g = p.add_argument_group("requests")
-    g.add_argument(
-        "--dataset", choices=("random", "copy", "chat", "sharegpt"), default="random", help="prompt source"
-    )
+    g.add_argument("--dataset", choices=("random", "copy", "chat", "sharegpt"), default="random", help="prompt source")
     g.add_argument("--dataset-path", help="ShareGPT JSON file for --dataset sharegpt")
     g.add_argument("--input-len", type=int, default=256, help="approximate prompt tokens (random, copy)")
     g.add_argument("--max-tokens", type=int, default=128, help="output length limit per request")
@@ -958,17 +944,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="open loop: Poisson arrivals at this rate (req/s); inf = all at once",
     )
-    g.add_argument(
-        "--burstiness", type=float, default=1.0, help="gamma shape of inter-arrival times (1 = Poisson)"
-    )
-    g.add_argument(
-        "--concurrency", type=int, help="closed loop with N in flight; with a rate, the in-flight cap"
-    )
+    g.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrival times (1 = Poisson)")
+    g.add_argument("--concurrency", type=int, help="closed loop with N in flight; with a rate, the in-flight cap")
     g.add_argument("--sweep-concurrency", type=_list(int), help="closed-loop points, e.g. 1,2,4,8")
     g.add_argument("--sweep-rate", type=_list(float), help="open-loop points in req/s, e.g. 0.5,1,2")
-    g.add_argument(
-        "--max-duration", type=float, help="stop sending new requests after this many seconds per run"
-    )
+    g.add_argument("--max-duration", type=float, help="stop sending new requests after this many seconds per run")
     g.add_argument("--compare", action="store_true", help="run every point with lookahead off, then on")
     g.add_argument(
         "--rounds",

@@ -12,10 +12,14 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("trieserve_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
+        self.requests = Counter(
+            "trieserve_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
         self.prompt_tokens = Counter("trieserve_prompt_tokens", "prompt tokens processed", registry=r)
         self.generation_tokens = Counter("trieserve_generation_tokens", "tokens generated", registry=r)
-        self.forward_passes = Counter("trieserve_forward_passes", "model forward passes (prefill counts one)", registry=r)
+        self.forward_passes = Counter(
+            "trieserve_forward_passes", "model forward passes (prefill counts one)", registry=r
+        )
         self.draft_tokens = Counter("trieserve_draft_tokens", "draft tokens proposed by lookahead", registry=r)
         self.accepted_tokens = Counter("trieserve_accepted_tokens", "draft tokens accepted", registry=r)
         self.drafts = Counter("trieserve_drafts", "decode steps that carried a draft tree", registry=r)
@@ -23,14 +27,23 @@ class Metrics:
         self.kv_seen = Counter("trieserve_kv_tokens_seen", "KV tokens before eviction", registry=r)
         self.kv_evicted = Counter("trieserve_kv_tokens_evicted", "KV tokens dropped by eviction", registry=r)
         self.kv_bytes = Gauge("trieserve_kv_cache_bytes", "bytes held by running sequences' KV caches", registry=r)
-        self.ttft = Histogram("trieserve_time_to_first_token_seconds", "time to first token", buckets=LATENCY_BUCKETS, registry=r)
-        self.tpot = Histogram(
-            "trieserve_time_per_output_token_seconds", "mean time per output token after the first",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28), registry=r,
+        self.ttft = Histogram(
+            "trieserve_time_to_first_token_seconds", "time to first token", buckets=LATENCY_BUCKETS, registry=r
         )
-        self.e2e = Histogram("trieserve_e2e_request_latency_seconds", "request latency", buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram(
+            "trieserve_time_per_output_token_seconds",
+            "mean time per output token after the first",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28),
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "trieserve_e2e_request_latency_seconds", "request latency", buckets=LATENCY_BUCKETS, registry=r
+        )
         self.accepted_length = Histogram(
-            "trieserve_accepted_length", "tokens emitted per decode step", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), registry=r
+            "trieserve_accepted_length",
+            "tokens emitted per decode step",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
+            registry=r,
         )
         self.queue_length = Gauge("trieserve_queue_length", "requests waiting for the engine", registry=r)
         self.running = Gauge("trieserve_running_requests", "sequences being generated", registry=r)

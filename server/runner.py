@@ -223,7 +223,9 @@ class ModelRunner:
         Returns fp32 logits [T_b, V] per sequence (only `logits_rows` when a part sets it)."""
         ids, pos, rows = flatten_rows(parts, self.device)
         offsets = row_offsets(rows)
-        masks = [None if p.tree_mask is None or p.input_ids.numel() == 1 else p.tree_mask.to(self.device) for p in parts]
+        masks = [
+            None if p.tree_mask is None or p.input_ids.numel() == 1 else p.tree_mask.to(self.device) for p in parts
+        ]
         hidden = self.model.base_model(
             input_ids=ids,
             position_ids=pos,

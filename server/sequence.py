@@ -115,9 +115,7 @@ class TextTracker:
 class Sequence:
     """One request inside the engine."""
 
-    def __init__(
-        self, request: GenerationRequest, tokenizer, eos_ids: set[int], emit: Callable[[Event], None]
-    ) -> None:
+    def __init__(self, request: GenerationRequest, tokenizer, eos_ids: set[int], emit: Callable[[Event], None]) -> None:
         self.request = request
         self.params = request.params
         self.prompt_ids = request.prompt_ids

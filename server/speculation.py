@@ -407,7 +407,9 @@ class Speculator:
         and the tries are searched only every OBSERVE_EVERY steps per sequence, to calibrate."""
         if self.cost is None:  # lookahead off by default: measured when first asked for
             rows = self.decoding_length + 1
-            self.cost = StepCost.cached(runner, rows, self.cost_path) if self.cost_path else StepCost.measure(runner, rows)
+            self.cost = (
+                StepCost.cached(runner, rows, self.cost_path) if self.cost_path else StepCost.measure(runner, rows)
+            )
         # the payoff check also holds back steps that carry a prefill chunk: their drafts look
         # cheap next to the chunk's rows, but they are sized by the same estimates. It guards
         # batched steps only: alone, a failed draft's step is slower than a plain one by nature,
@@ -428,7 +430,10 @@ class Speculator:
         trees = [self.draft_for(seq) if seq.lookahead else DraftTree.empty() for seq in seqs]
         if not self.adaptive or not any(len(t) for t in trees):
             return trees
-        trees = [seq.state["lookahead"].calibration.calibrated(t) if len(t) else t for t, seq in zip(trees, seqs, strict=True)]
+        trees = [
+            seq.state["lookahead"].calibration.calibrated(t) if len(t) else t
+            for t, seq in zip(trees, seqs, strict=True)
+        ]
         curves = [accepted_curve(t) if len(t) else [0.0] for t in trees]
         # in a batch, where a plain step is already efficient and drafts are close calls, the
         # estimates are discounted by how much verified trees have fallen short of them

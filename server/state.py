@@ -23,7 +23,9 @@ class ServerState:
         self.tokenizer = None
         self.load_error: str | None = None
         self.started = int(time.time())
-        self.model_name = settings.served_model_name or (Path(settings.model).name if settings.model else "SmolLM2-135M-Instruct")
+        self.model_name = settings.served_model_name or (
+            Path(settings.model).name if settings.model else "SmolLM2-135M-Instruct"
+        )
         self.model_names = {self.model_name}
         self.vocab_size = 0
         self.max_context = 0

@@ -73,9 +73,7 @@ def run_hadolint(hadolint: Path, dockerfile: Path) -> tuple[int, list[dict]]:
     return proc.returncode, json.loads(proc.stdout or "[]")
 
 
-def run_compose(
-    compose: Path, *args: str, file: Path = DOCKER_DIR / "compose.yaml"
-) -> subprocess.CompletedProcess:
+def run_compose(compose: Path, *args: str, file: Path = DOCKER_DIR / "compose.yaml") -> subprocess.CompletedProcess:
     # Only a minimal environment: a developer's COMPOSE_* / TRIESERVE_* variables must not change the result.
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "TMPDIR", "LANG")}
     return subprocess.run(
@@ -283,9 +281,7 @@ def test_build_context_installs(tmp_path):
     for package in ("server", "decoding", "cache", "kernels"):
         packaged = {n for n in names if n.startswith(f"trieserve/{package}/")}
         sources = {f"trieserve/{p}" for p in sent if p.startswith(f"{package}/") and p.endswith(".py")}
-        assert sources and sources <= packaged, (
-            f"{package}: {sorted(sources - packaged)} missing from the wheel"
-        )
+        assert sources and sources <= packaged, f"{package}: {sorted(sources - packaged)} missing from the wheel"
 
 
 # ------------------------------------------------------------------ Dockerfile shape
@@ -296,9 +292,7 @@ def _runs(df: Dockerfile) -> list[str]:
 
 
 def _pip_installs(df: Dockerfile) -> list[str]:
-    return [
-        cmd for run in _runs(df) for cmd in re.split(r"&&|;", run) if re.search(r"\bpip3? install\b", cmd)
-    ]
+    return [cmd for run in _runs(df) for cmd in re.split(r"&&|;", run) if re.search(r"\bpip3? install\b", cmd)]
 
 
 @pytest.mark.parametrize("fixture", ["cpu_dockerfile", "cuda_dockerfile"])
@@ -331,9 +325,7 @@ def test_cpu_image_base_and_torch(cpu_dockerfile):
     assert re.fullmatch(r"python:3\.11(\.\d+)?-slim(-\w+)?", cpu_dockerfile.stages[0].base)
     assert cpu_dockerfile.final.base == cpu_dockerfile.stages[0].base
     torch_installs = [cmd for cmd in _pip_installs(cpu_dockerfile) if re.search(r"\btorch==", cmd)]
-    assert len(torch_installs) == 1 and "download.pytorch.org/whl/cpu" in " ".join(
-        cpu_dockerfile.stages[0].all("ARG")
-    )
+    assert len(torch_installs) == 1 and "download.pytorch.org/whl/cpu" in " ".join(cpu_dockerfile.stages[0].all("ARG"))
 
 
 def test_cuda_image_keeps_the_base_torch(cuda_dockerfile):

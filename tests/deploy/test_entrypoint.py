@@ -84,9 +84,7 @@ def wait_healthy(served: Served) -> None:
     status = None
     while time.monotonic() < deadline:
         if served.proc.poll() is not None:
-            pytest.fail(
-                f"server exited with {served.proc.returncode} before /health was 200:\n{served.log_tail()}"
-            )
+            pytest.fail(f"server exited with {served.proc.returncode} before /health was 200:\n{served.log_tail()}")
         try:
             status = httpx.get(f"{served.url}/health", timeout=5).status_code
         except httpx.HTTPError:
@@ -108,9 +106,7 @@ def served(cpu_dockerfile: Dockerfile, tmp_path_factory) -> Served:
     assert executable, f"{command[0]!r} (the image's ENTRYPOINT) is not installed here: pip install -e ."
     log = scratch / "server.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [executable, *command[1:]], env=env, cwd=scratch, stdout=out, stderr=subprocess.STDOUT
-        )
+        proc = subprocess.Popen([executable, *command[1:]], env=env, cwd=scratch, stdout=out, stderr=subprocess.STDOUT)
     served = Served(proc, port, env, log)
     try:
         wait_healthy(served)
@@ -136,9 +132,7 @@ def test_serves_a_chat_completion(served):
 def test_image_healthcheck_probe_passes(served, cpu_dockerfile: Dockerfile):
     probe = cpu_dockerfile.healthcheck()
     executable = shutil.which(probe[0], path=served.env["PATH"])
-    proc = subprocess.run(
-        [executable, *probe[1:]], env=served.env, capture_output=True, text=True, timeout=30
-    )
+    proc = subprocess.run([executable, *probe[1:]], env=served.env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -147,7 +141,5 @@ def test_sigterm_stops_cleanly_and_the_probe_then_fails(served, cpu_dockerfile: 
     assert rc in (0, -signal.SIGTERM), f"exit status {rc} on SIGTERM:\n{served.log_tail()}"
     probe = cpu_dockerfile.healthcheck()
     executable = shutil.which(probe[0], path=served.env["PATH"])
-    proc = subprocess.run(
-        [executable, *probe[1:]], env=served.env, capture_output=True, text=True, timeout=30
-    )
+    proc = subprocess.run([executable, *probe[1:]], env=served.env, capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0, "the HEALTHCHECK probe must fail when nothing serves"

@@ -48,9 +48,7 @@ def test_matches_fancy_indexing(case, dtype, impl, device):
 def test_into_given_outputs(impl, device):
     k, v, index = make_inputs((2, 3, 40, 12, 32, 32), torch.float16, device, ascending=False)
     out_k = torch.empty(2, 3, 12, 32, dtype=k.dtype, device=device)
-    out_v = (
-        torch.empty(2, 3, 12, 32, dtype=v.dtype, device=device).transpose(0, 1).contiguous().transpose(0, 1)
-    )
+    out_v = torch.empty(2, 3, 12, 32, dtype=v.dtype, device=device).transpose(0, 1).contiguous().transpose(0, 1)
     k2, v2 = fn_for(impl)(k, v, index, out_k, out_v)
     assert k2.data_ptr() == out_k.data_ptr() and v2.data_ptr() == out_v.data_ptr()
     assert torch.equal(out_k, fancy(k, index)) and torch.equal(out_v, fancy(v, index))

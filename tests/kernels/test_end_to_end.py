@@ -22,8 +22,13 @@ pytestmark = pytest.mark.skipif(not dispatch.HAS_TRITON, reason="triton is not i
 def tiny_engine(tokenizer) -> Engine:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
     )
     model = LlamaForCausalLM(config).eval()
     draft = DraftConfig(max_match=2, branch_length=4)

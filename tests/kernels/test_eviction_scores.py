@@ -36,15 +36,13 @@ def naive_scores(q, k, scaling, aggregation, pool_kernel):
             for g in range(G):
                 for w in range(W):
                     logits = [
-                        float(q[b, hk * G + g, w].double() @ k[b, hk, s].double()) * scaling
-                        for s in range(P + w + 1)
+                        float(q[b, hk * G + g, w].double() @ k[b, hk, s].double()) * scaling for s in range(P + w + 1)
                     ]
                     top = max(logits)
                     z = sum(math.exp(x - top) for x in logits)
                     probs = [math.exp(x - top) / z for x in logits[:P]]
                     pooled = [
-                        sum(probs[j] for j in range(i - r, i + r + 1) if 0 <= j < P) / pool_kernel
-                        for i in range(P)
+                        sum(probs[j] for j in range(i - r, i + r + 1) if 0 <= j < P) / pool_kernel for i in range(P)
                     ]
                     rows.append(pooled)
             rows = torch.tensor(rows, dtype=torch.float64)  # [G * W, P]

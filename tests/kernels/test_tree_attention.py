@@ -117,9 +117,7 @@ def test_dispatch(backend, device, tree_helpers):
     bits = pack_ancestor_mask(masks)
     set_backend(backend)
     out = tree_attention(q, k, v, bits, kv_len, 0.25)
-    torch.testing.assert_close(
-        out, tree_attention_reference(q, k, v, bits, kv_len, 0.25), **TOL[torch.float16]
-    )
+    torch.testing.assert_close(out, tree_attention_reference(q, k, v, bits, kv_len, 0.25), **TOL[torch.float16])
 
 
 def test_set_backend_rejects_unknown():

@@ -98,8 +98,7 @@ def sampling_case(T, seed, device, random_parents):
         return int((cdf <= uniforms[b, r].double() * 1024).sum())
 
     expected = [
-        python_walk(lambda r, b=b: draw(b, r), tokens[b].tolist(), parents[b].tolist(), n)
-        for b, n in enumerate(n_rows)
+        python_walk(lambda r, b=b: draw(b, r), tokens[b].tolist(), parents[b].tolist(), n) for b, n in enumerate(n_rows)
     ]
     args = (probs, tokens, parents, torch.tensor(n_rows), uniforms)
     return [a.to(device) for a in args], expected

@@ -40,9 +40,7 @@ def full(runner, text_ids):
     cache = runner.new_cache()
     runner.prefill(cache, ids[:-W])
     capture = WindowCapture(W)
-    last = runner.forward(
-        cache, torch.tensor(ids[-W:]), torch.arange(N - W, N), last_only=True, window_capture=capture
-    )
+    last = runner.forward(cache, torch.tensor(ids[-W:]), torch.arange(N - W, N), last_only=True, window_capture=capture)
     ref = runner.forward(copy.deepcopy(cache), torch.tensor(cont), torch.arange(N, N + CONT))
     return cache, capture, last[-1], ref
 
@@ -114,7 +112,9 @@ def test_evicted_cache_matches_masked_full_cache_at_logical_positions(runner, te
     keep_masks = {i: torch.ones(1, H, N, dtype=torch.bool) for i in range(runner.num_layers)}
     for i, index in plan.items():  # -1: a padding slot, which keeps nothing
         real = (index >= 0).to(torch.uint8)
-        keep_masks[i] = torch.zeros(1, H, N, dtype=torch.uint8).scatter_reduce_(2, index.clamp(min=0), real, "amax").bool()
+        keep_masks[i] = (
+            torch.zeros(1, H, N, dtype=torch.uint8).scatter_reduce_(2, index.clamp(min=0), real, "amax").bool()
+        )
     masked = copy.deepcopy(cache)
     got, want = [], []
     runner.model.set_attn_implementation("trieserve_test_masked")
@@ -154,9 +154,7 @@ def test_layer_defensive_chunked_prefill_keeps_peak_memory_near_budget(runner, t
 
 def generate(engine, ids, max_tokens, lookahead):
     events: queue.Queue = queue.Queue()
-    request = GenerationRequest(
-        ids, max_tokens, SamplingParams(temperature=0), lookahead=lookahead, ignore_eos=True
-    )
+    request = GenerationRequest(ids, max_tokens, SamplingParams(temperature=0), lookahead=lookahead, ignore_eos=True)
     engine.submit(request, events.put)
     tokens = []
     while True:
@@ -176,9 +174,7 @@ def test_greedy_lookahead_on_an_evicted_cache_matches_plain_greedy(runner, token
     settings = Settings(
         kv_policy="defensive", kv_budget=0.5, decoding_length=16, branch_length=6, adaptive_budget=False
     )
-    config = EngineConfig(
-        kv_policy=settings.kv_policy, kv_budget=settings.kv_budget, kv_window=settings.kv_window
-    )
+    config = EngineConfig(kv_policy=settings.kv_policy, kv_budget=settings.kv_budget, kv_window=settings.kv_window)
     draft = DraftConfig(branch_length=settings.branch_length)
     speculator = Speculator(
         OutputStore(10_000, draft.ngram_len, tag="test"), draft, 16, StepCost([1], [1.0]), adaptive=False
@@ -188,9 +184,7 @@ def test_greedy_lookahead_on_an_evicted_cache_matches_plain_greedy(runner, token
     try:
         code = pydoc_data.topics.topics["with"][:600]
         msgs = [{"role": "user", "content": f"Repeat this text exactly:\n\n{code}"}]
-        ids = tokenizer.encode(
-            tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        )
+        ids = tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
         plain, fin_plain = generate(engine, ids, 24, lookahead=False)
         fast, fin_fast = generate(engine, ids, 24, lookahead=True)
     finally:

@@ -23,7 +23,9 @@ def engine():
 
 def generate(engine, ids, max_tokens, lookahead, params=None):
     events: queue.Queue = queue.Queue()
-    engine.submit(GenerationRequest(ids, max_tokens, params or SamplingParams(temperature=0), lookahead=lookahead), events.put)
+    engine.submit(
+        GenerationRequest(ids, max_tokens, params or SamplingParams(temperature=0), lookahead=lookahead), events.put
+    )
     tokens = []
     while True:
         ev = events.get(timeout=300)
@@ -38,7 +40,9 @@ def generate(engine, ids, max_tokens, lookahead, params=None):
 def copy_prompt(tokenizer):
     src = inspect.getsource(json.JSONEncoder.iterencode)
     msgs = [{"role": "user", "content": f"Repeat this code exactly:\n```python\n{src}\n```"}]
-    return tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), add_special_tokens=False)
+    return tokenizer.encode(
+        tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), add_special_tokens=False
+    )
 
 
 def test_greedy_lookahead_is_token_identical_on_copy_prompt(engine, tokenizer, hf_model):

@@ -47,7 +47,9 @@ def test_tree_step_matches_sequential_paths(runner, tokenizer):
             j = parents[j]
         seq_cache = runner.new_cache()
         runner.prefill(seq_cache, ids[:-1])
-        seq_logits = runner.forward(seq_cache, torch.tensor([tokens[p] for p in path]), torch.arange(n - 1, n - 1 + len(path)))
+        seq_logits = runner.forward(
+            seq_cache, torch.tensor([tokens[p] for p in path]), torch.arange(n - 1, n - 1 + len(path))
+        )
         torch.testing.assert_close(tree_logits[path], seq_logits, atol=1e-4, rtol=0)
 
 

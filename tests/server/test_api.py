@@ -7,8 +7,14 @@ import torch
 
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 STATS_KEYS = {
-    "forward_passes", "draft_tokens", "accepted_tokens", "tokens_per_forward",
-    "kv_tokens_kept", "kv_tokens_total", "prefill_s", "decode_s",
+    "forward_passes",
+    "draft_tokens",
+    "accepted_tokens",
+    "tokens_per_forward",
+    "kv_tokens_kept",
+    "kv_tokens_total",
+    "prefill_s",
+    "decode_s",
 }
 
 
@@ -19,12 +25,20 @@ def test_health_models_metrics(server, client):
     client.completions.create(model=ids[0], prompt="Hello", max_tokens=2, temperature=0)
     text = httpx.get(server.url + "/metrics").text
     for name in (
-        "trieserve_requests_total", "trieserve_generation_tokens_total", "trieserve_time_to_first_token_seconds_bucket",
-        "trieserve_time_per_output_token_seconds_bucket", "trieserve_e2e_request_latency_seconds_count",
-        "trieserve_queue_length", "trieserve_forward_passes_total",
+        "trieserve_requests_total",
+        "trieserve_generation_tokens_total",
+        "trieserve_time_to_first_token_seconds_bucket",
+        "trieserve_time_per_output_token_seconds_bucket",
+        "trieserve_e2e_request_latency_seconds_count",
+        "trieserve_queue_length",
+        "trieserve_forward_passes_total",
     ):
         assert name in text
-    done = [ln for ln in text.splitlines() if ln.startswith('trieserve_requests_total{endpoint="/v1/completions",status="200"}')]
+    done = [
+        ln
+        for ln in text.splitlines()
+        if ln.startswith('trieserve_requests_total{endpoint="/v1/completions",status="200"}')
+    ]
     assert done and float(done[0].split()[-1]) >= 1
 
 
@@ -52,7 +66,9 @@ def test_chat_streaming_matches_non_streaming(client):
 
 
 def test_completions_streaming_and_max_tokens(client):
-    resp = client.completions.create(model="SmolLM2-135M-Instruct", prompt="Once upon a time", max_tokens=12, temperature=0)
+    resp = client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt="Once upon a time", max_tokens=12, temperature=0
+    )
     assert resp.choices[0].finish_reason == "length" and resp.usage.completion_tokens == 12
     stream = client.completions.create(
         model="SmolLM2-135M-Instruct", prompt="Once upon a time", max_tokens=12, temperature=0, stream=True
@@ -72,20 +88,26 @@ def test_stop_string_truncates(client):
     base = client.completions.create(model="SmolLM2-135M-Instruct", prompt="1, 2, 3, 4,", max_tokens=16, temperature=0)
     text = base.choices[0].text
     assert " 7" in text, text
-    cut = client.completions.create(model="SmolLM2-135M-Instruct", prompt="1, 2, 3, 4,", max_tokens=16, temperature=0, stop=[" 7"])
+    cut = client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt="1, 2, 3, 4,", max_tokens=16, temperature=0, stop=[" 7"]
+    )
     assert cut.choices[0].text == text[: text.index(" 7")]
     assert cut.choices[0].finish_reason == "stop"
 
 
 def test_seeded_sampling_is_reproducible(client):
-    kwargs = dict(model="SmolLM2-135M-Instruct", prompt="My favourite animal is", max_tokens=16, temperature=1.0, top_p=0.9)
+    kwargs = dict(
+        model="SmolLM2-135M-Instruct", prompt="My favourite animal is", max_tokens=16, temperature=1.0, top_p=0.9
+    )
     a = client.completions.create(seed=1234, **kwargs).choices[0].text
     b = client.completions.create(seed=1234, **kwargs).choices[0].text
     assert a == b
 
 
 def test_unknown_fields_are_ignored(server):
-    r = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "temperature": 0, "frobnicate": 3})
+    r = httpx.post(
+        server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "temperature": 0, "frobnicate": 3}
+    )
     assert r.status_code == 200
 
 
@@ -93,12 +115,27 @@ def test_unknown_fields_are_ignored(server):
     "path,body,status,param",
     [
         ("/v1/chat/completions", {"messages": []}, 400, "messages"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, 400, "max_tokens"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1},
+            400,
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
+            400,
+            "temperature",
+        ),
         ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
         ("/v1/chat/completions", {"messages": "hello"}, 400, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "gpt-9"}, 404, "model"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "kv_policy": "magic"}, 400, "kv_policy"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "kv_policy": "magic"},
+            400,
+            "kv_policy",
+        ),
         ("/v1/completions", {"prompt": ""}, 400, "prompt"),
         ("/v1/completions", {"prompt": [1, 2, 10**9]}, 400, "prompt"),
         ("/v1/completions", {"prompt": "hi", "max_tokens": 10**6}, 400, "max_tokens"),
@@ -115,7 +152,9 @@ def test_bad_input_gets_openai_shaped_4xx(server, path, body, status, param):
 
 
 def test_malformed_json_gets_400(server):
-    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    r = httpx.post(
+        server.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 

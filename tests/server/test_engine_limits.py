@@ -40,7 +40,13 @@ def test_full_queue_gets_429_with_retry_after(small_server):
 
 
 def test_client_disconnect_cancels_generation(small_server):
-    body = {"prompt": "Write a very long story.", "max_tokens": 2000, "temperature": 0, "ignore_eos": True, "stream": True}
+    body = {
+        "prompt": "Write a very long story.",
+        "max_tokens": 2000,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
     with httpx.stream("POST", small_server.url + "/v1/completions", json=body, timeout=60) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i > 3:
@@ -51,5 +57,7 @@ def test_client_disconnect_cancels_generation(small_server):
         time.sleep(0.1)
     assert _running(small_server.url) == 0
     start = time.monotonic()
-    r = httpx.post(small_server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "temperature": 0}, timeout=60)
+    r = httpx.post(
+        small_server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "temperature": 0}, timeout=60
+    )
     assert r.status_code == 200 and time.monotonic() - start < 10

@@ -7,10 +7,27 @@ from trieserve.server.loadtest import main as loadtest
 
 def test_loadtest_report_is_consistent(server, tmp_path):
     out = tmp_path / "report.json"
-    rc = loadtest([
-        "--base-url", server.url, "--dataset", "copy", "--num-prompts", "4", "--num-warmup", "0",
-        "--concurrency", "2", "--max-tokens", "8", "--input-len", "96", "--output-json", str(out), "--no-progress",
-    ])
+    rc = loadtest(
+        [
+            "--base-url",
+            server.url,
+            "--dataset",
+            "copy",
+            "--num-prompts",
+            "4",
+            "--num-warmup",
+            "0",
+            "--concurrency",
+            "2",
+            "--max-tokens",
+            "8",
+            "--input-len",
+            "96",
+            "--output-json",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     run = json.loads(out.read_text())["runs"][0]
     assert run["completed"] + run["failed"] + run["rejected_429"] == 4

@@ -35,13 +35,17 @@ def test_openapi_conformance(server, mode):
             continue  # no parameters and no body: nothing to make invalid
 
         @given(case=op.as_strategy(generation_mode=mode))
-        @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
+        @settings(
+            max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None
+        )
         def check(case):
             cap_tokens(case.body)
             # positive_data_acceptance is left out: the schema cannot express limits that depend on
             # the tokenizer and the model (a prompt that tokenizes past the context, an unknown model
             # name, an empty prompt); those get documented 4xx answers, which the other checks validate.
-            response = case.call_and_validate(base_url=server.url, excluded_checks=[positive_data_acceptance], timeout=60)
+            response = case.call_and_validate(
+                base_url=server.url, excluded_checks=[positive_data_acceptance], timeout=60
+            )
             assert response.status_code < 500, response.text
 
         check()

@@ -12,8 +12,15 @@ def locked(model_dir, tmp_path_factory):
     keyfile = tmp_path_factory.mktemp("keys") / "keys.txt"
     keyfile.write_text("# team keys\nsecond-key\n")
     srv = LiveServer(
-        "--api-key", "first-key", "--api-key-file", str(keyfile), "--max-body-bytes", "4096",
-        "--request-timeout-s", "2", "--no-lookahead",
+        "--api-key",
+        "first-key",
+        "--api-key-file",
+        str(keyfile),
+        "--max-body-bytes",
+        "4096",
+        "--request-timeout-s",
+        "2",
+        "--no-lookahead",
     ).wait_ready()
     yield srv
     srv.stop()
@@ -51,7 +58,9 @@ def test_request_timeout_cancels(locked):
     assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
     # the cancelled sequence is gone: the next request is served promptly
     r = httpx.post(
-        locked.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "temperature": 0},
-        headers={"Authorization": "Bearer first-key"}, timeout=60,
+        locked.url + "/v1/completions",
+        json={"prompt": "Hi", "max_tokens": 2, "temperature": 0},
+        headers={"Authorization": "Bearer first-key"},
+        timeout=60,
     )
     assert r.status_code == 200

@@ -36,4 +36,3 @@ def test_sigterm_drains_running_stream(model_dir):
     assert final["choices"][0]["finish_reason"] == "length"
     # uvicorn re-raises the signal after a clean drain, so the status is 'terminated by SIGTERM'
     assert code in (0, -signal.SIGTERM)
-

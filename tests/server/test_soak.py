@@ -71,7 +71,9 @@ async def plain(c: httpx.AsyncClient, path: str, body: dict) -> tuple[int, str |
     return r.status_code, text_of(path, r.json()) if r.status_code == 200 else None
 
 
-async def streamed(c: httpx.AsyncClient, path: str, body: dict, cancel_after: int | None = None) -> tuple[int, str | None]:
+async def streamed(
+    c: httpx.AsyncClient, path: str, body: dict, cancel_after: int | None = None
+) -> tuple[int, str | None]:
     parts, finish = [], None
     async with c.stream("POST", path, json={**body, "stream": True}) as r:
         if r.status_code != 200:
@@ -180,6 +182,8 @@ def test_soak_mixed_traffic(server):
     # still healthy and serving
     assert httpx.get(url + "/health").status_code == 200
     path, body = valid[0]
-    assert text_of(path, httpx.post(url + path, json=body, timeout=60).json()) == alone[json.dumps(body, sort_keys=True)]
+    assert (
+        text_of(path, httpx.post(url + path, json=body, timeout=60).json()) == alone[json.dumps(body, sort_keys=True)]
+    )
     print(f"soak: {len(plan)} requests {counts} in {elapsed:.1f}s; RSS warm {warm:.0f} MiB, after {after:.0f} MiB")
     assert after - warm < RSS_MARGIN_MIB, (warm, after)

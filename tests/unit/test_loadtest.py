@@ -298,9 +298,7 @@ def fake_app(state: FakeState) -> FastAPI:
         state.bodies.append(body)
         prompt = body["messages"][-1]["content"] if chat else body["prompt"]
         if "REJECT" in prompt:
-            return JSONResponse(
-                {"error": {"message": "queue full", "type": "overloaded"}}, 429, {"Retry-After": "1"}
-            )
+            return JSONResponse({"error": {"message": "queue full", "type": "overloaded"}}, 429, {"Retry-After": "1"})
         if "FAIL" in prompt:
             return JSONResponse({"error": {"message": "boom", "type": "internal"}}, 500)
         n = body["max_tokens"]
@@ -328,9 +326,7 @@ def fake_app(state: FakeState) -> FastAPI:
             state.max_in_flight = max(state.max_in_flight, state.in_flight)
             try:
                 if chat:  # a role-only chunk first: not a content token, must not set TTFT
-                    yield event(
-                        [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
-                    )
+                    yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
                 if "BREAK" in prompt:  # an error after the stream has started: a final error event
                     yield f"data: {json.dumps({'error': {'message': 'engine died', 'type': 'internal'}})}\n\n"
                     return
@@ -408,9 +404,7 @@ def test_output_tokens_come_from_usage_not_chunks(fake_server):
 def test_rejections_and_failures_are_counted_apart(fake_server):
     url, _ = fake_server
     prompts = ["ok", "REJECT me", "FAIL me", "ok", "REJECT again", "BREAK me"]
-    results, duration = asyncio.run(
-        _run(url, lt.LoadPoint(request_rate=math.inf), prompts, endpoint="completions")
-    )
+    results, duration = asyncio.run(_run(url, lt.LoadPoint(request_rate=math.inf), prompts, endpoint="completions"))
     m = lt.summarize(results, duration)
     assert (m["completed"], m["rejected_429"], m["failed"]) == (2, 2, 2)
     assert m["failed_by_status"] == {"500": 1, "stream_error": 1}

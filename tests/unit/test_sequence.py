@@ -6,7 +6,9 @@ from trieserve.server.sequence import Delta, Finish, GenerationRequest, Sequence
 
 def make_seq(tokenizer, stop=(), max_tokens=100, eos=frozenset({2})):
     events = []
-    req = GenerationRequest(prompt_ids=[1], max_tokens=max_tokens, params=SamplingParams(temperature=0), stop=list(stop))
+    req = GenerationRequest(
+        prompt_ids=[1], max_tokens=max_tokens, params=SamplingParams(temperature=0), stop=list(stop)
+    )
     return Sequence(req, tokenizer, set(eos), events.append), events
 
 

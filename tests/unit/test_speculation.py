@@ -276,7 +276,7 @@ def test_drafted_trees_are_scored_against_the_tokens_that_follow_them():
     spec.admit(seq)
     tree = spec.plan(None, [seq])[0]
     assert len(tree) and tree.tokens[0] == 8  # the prompt continues 5 6 7 with 8
-    (start, full, _), = seq.state["lookahead"].pending
+    ((start, full, _),) = seq.state["lookahead"].pending
     assert start == 3 and full.tokens[0] == 8
     cal = seq.state["lookahead"].calibration
     seq.output_ids += [8, 42]  # the model took the draft's first token, then left it

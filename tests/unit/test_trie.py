@@ -28,10 +28,7 @@ def dump(node: TrieNode, prefix: tuple[int, ...] = ()) -> dict[tuple[int, ...], 
 
 def brute_counts(tokens: list[int], ngram_len: int) -> Counter:
     return Counter(
-        tuple(tokens[s : s + n])
-        for s in range(len(tokens))
-        for n in range(1, ngram_len + 1)
-        if s + n <= len(tokens)
+        tuple(tokens[s : s + n]) for s in range(len(tokens)) for n in range(1, ngram_len + 1) if s + n <= len(tokens)
     )
 
 
@@ -147,9 +144,7 @@ def test_capacity_is_never_exceeded_under_random_traffic():
     for _ in range(3000):
         seq = seqs[rnd.randrange(len(seqs))]
         old = len(seq)
-        seq.extend(
-            rnd.randrange(50) if rnd.random() < 0.5 else rnd.randrange(5) for _ in range(rnd.randint(1, 16))
-        )
+        seq.extend(rnd.randrange(50) if rnd.random() < 0.5 else rnd.randrange(5) for _ in range(rnd.randint(1, 16)))
         store.insert(seq, old)
         assert len(store) <= 500
         if len(seq) > 200:

@@ -108,10 +108,7 @@ def test_greedy_accepts_exactly_the_path_the_argmax_follows(case, seed):
     assert verdict.rows == [i + 1 for i in path]
     assert verdict.tokens == [tree.tokens[i] for i in path] + [stop]
     # Greedy params through the sampling verifier agree.
-    assert (
-        verify_sampling(tree, argmax_logits(best, vocab), SamplingParams(temperature=0), [], [], None)
-        == verdict
-    )
+    assert verify_sampling(tree, argmax_logits(best, vocab), SamplingParams(temperature=0), [], [], None) == verdict
 
 
 def test_greedy_with_penalties_uses_the_penalised_argmax():
@@ -176,10 +173,7 @@ def test_sampling_matches_sequential_sampling_in_distribution(params):
     logits = tree_logits(tree, ctx, vocab)
     p1 = next_token_distribution(toy_logits(ctx, vocab), params, prompt, [])
     joint = torch.stack(
-        [
-            p1[a] * next_token_distribution(toy_logits(ctx + (a,), vocab), params, prompt, [a])
-            for a in range(vocab)
-        ]
+        [p1[a] * next_token_distribution(toy_logits(ctx + (a,), vocab), params, prompt, [a]) for a in range(vocab)]
     )
     gen = make_generator(1234)
     trials = 1500
@@ -222,9 +216,7 @@ def test_lookahead_greedy_generation_equals_plain_greedy():
     while len(seq) < len(prompt) + 30:
         tree = draft(seq, 10, DraftConfig(max_match=3, branch_length=5), trie, None)
         step = pack(tree, seq[-1], len(seq) - 1)
-        prefixes = [tuple(seq)] + [
-            tuple(seq) + tuple(tree.tokens[j] for j in tree.path(i)) for i in range(len(tree))
-        ]
+        prefixes = [tuple(seq)] + [tuple(seq) + tuple(tree.tokens[j] for j in tree.path(i)) for i in range(len(tree))]
         assert step.input_ids.tolist() == [seq[-1], *tree.tokens]
         verdict = verify_greedy(tree, torch.stack([model(p) for p in prefixes]))
         accepted_drafts += len(verdict.rows)
