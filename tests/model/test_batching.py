@@ -15,7 +15,9 @@ from trieserve.server.settings import Settings
 
 @pytest.fixture(scope="module")
 def engine():
-    eng, _ = build_engine(Settings(max_num_seqs=4, adaptive_budget=False, decoding_length=16, branch_length=6, prefill_chunk=64))
+    eng, _ = build_engine(
+        Settings(max_num_seqs=4, adaptive_budget=False, decoding_length=16, branch_length=6, prefill_chunk=64)
+    )
     yield eng
     eng.stop()
 
@@ -42,7 +44,9 @@ def requests(tokenizer):
     short = tokenizer.encode("The capital of France is")
     code = tokenizer.encode(f"Repeat this:\n{src}\nAgain:\n")
     chat = tokenizer.encode(
-        tokenizer.apply_chat_template([{"role": "user", "content": "List three fruits."}], add_generation_prompt=True, tokenize=False),
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "List three fruits."}], add_generation_prompt=True, tokenize=False
+        ),
         add_special_tokens=False,
     )
     greedy = SamplingParams(temperature=0)
@@ -73,13 +77,33 @@ def test_batched_greedy_equals_solo(engine, tokenizer):
     assert collectors[1].finish.stats["accepted_tokens"] > 0
 
 
+def test_batched_steps_teach_the_cost_model_by_batch_size(engine, tokenizer):
+    """The engine reports each decode step's batch size to the cost model: steps of several
+    sequences learn that batch size's real/ladder ratios (a lone sequence's steps feed the ladder)."""
+    cost = engine.speculator.cost
+    assert cost is not None
+    cost.batched.clear()
+    chat, code = requests(tokenizer)[2], requests(tokenizer)[1]
+    collectors = [Collector() for _ in range(3)]
+    for r, c in zip([chat, code, chat], collectors, strict=True):
+        engine.submit(r, c)
+    for c in collectors:
+        assert c.done.wait(300)
+    assert cost.batched, "no batched step reached the cost model"
+    assert 1 not in cost.batched and all(2 <= seqs <= 3 for seqs in cost.batched)
+    ratios = [r for pair in cost.batched.values() for r in pair if r is not None]
+    assert ratios and all(r > 0 for r in ratios)
+
+
 def test_cancel_mid_batch_leaves_others_unchanged(engine, tokenizer):
     reqs = requests(tokenizer)
     alone = [solo(engine, r) for r in reqs[:3]]
     victim = Collector()
     collectors = [Collector() for _ in range(3)]
     seqs = [engine.submit(r, c) for r, c in zip(reqs[:3], collectors, strict=True)]
-    doomed = engine.submit(GenerationRequest(reqs[1].prompt_ids, 200, SamplingParams(temperature=0), ignore_eos=True), victim)
+    doomed = engine.submit(
+        GenerationRequest(reqs[1].prompt_ids, 200, SamplingParams(temperature=0), ignore_eos=True), victim
+    )
     while len(victim.tokens) < 3 and not victim.done.is_set():
         victim.done.wait(0.05)
     doomed.cancelled.set()
@@ -108,7 +132,8 @@ def test_long_prompt_does_not_stall_running_streams(engine, tokenizer):
         streaming(ev)
 
     running = engine.submit(
-        GenerationRequest(tokenizer.encode("Count: 1, 2, 3,"), 400, SamplingParams(temperature=0), ignore_eos=True), on_event
+        GenerationRequest(tokenizer.encode("Count: 1, 2, 3,"), 400, SamplingParams(temperature=0), ignore_eos=True),
+        on_event,
     )
     while len(stamps) < 5:
         time.sleep(0.01)
@@ -163,9 +188,13 @@ def test_decode_rows_ride_in_the_prefill_chunk_s_forward(runner, tokenizer):
 
     calls = []
     step_batch = runner.step_batch
-    runner.step_batch = lambda caches, parts: calls.append([p.input_ids.numel() for p in parts]) or step_batch(caches, parts)
+    runner.step_batch = lambda caches, parts: (
+        calls.append([p.input_ids.numel() for p in parts]) or step_batch(caches, parts)
+    )
     try:
-        running = engine.submit(GenerationRequest(count, 6, SamplingParams(temperature=0), ignore_eos=True), lambda ev: None)
+        running = engine.submit(
+            GenerationRequest(count, 6, SamplingParams(temperature=0), ignore_eos=True), lambda ev: None
+        )
         engine._admit()
         engine._round()  # its own prefill
         long = tokenizer.encode(inspect.getsource(json.dumps))[:150]  # 3 chunks of 64
