@@ -9,6 +9,7 @@ import platform
 from trieserve.decoding.draft import DraftConfig
 from trieserve.decoding.trie import OutputStore
 from trieserve.kernels.dispatch import set_backend
+from trieserve.server import matmul
 from trieserve.server.engine import Engine, EngineConfig
 from trieserve.server.model import load_model, resolve_model_path
 from trieserve.server.runner import ModelRunner
@@ -28,7 +29,12 @@ def build_engine(settings: Settings, metrics=None):
     torch.manual_seed(0)
     set_backend(settings.kernels)
     model, tokenizer = load_model(path, settings.dtype, device)
-    runner = ModelRunner(model, prefill_chunk=settings.prefill_chunk, skinny_rows=settings.skinny_rows)
+    runner = ModelRunner(model, prefill_chunk=settings.prefill_chunk, skinny_rows=0)
+    skinny = settings.skinny_rows
+    if skinny is None:
+        key = _hardware_key(settings, runner, path.name, route=False)
+        skinny = matmul.cached_max_rows(runner, settings.cache_dir / "matmul" / f"{key}.json")
+    runner.set_skinny_rows(skinny)
     config = EngineConfig(
         max_queue=settings.max_queue,
         max_num_seqs=settings.max_num_seqs,
@@ -74,10 +80,10 @@ def build_speculator(settings: Settings, runner: ModelRunner, model_tag: str) ->
     )
 
 
-def _hardware_key(settings: Settings, runner: ModelRunner, model_tag: str) -> str:
+def _hardware_key(settings: Settings, runner: ModelRunner, model_tag: str, route: bool = True) -> str:
     """What a forward's cost depends on: the model, its dtype, the device, how many threads
-    run it and the CPU matmul route (`skinny_rows`). Each combination gets its own measured
-    ladder."""
+    run it and (`route`) the CPU matmul route (`skinny_rows`). Each combination gets its own
+    measured ladder; the route choice itself is keyed without the route."""
     import torch
 
     device = runner.device
@@ -86,7 +92,8 @@ def _hardware_key(settings: Settings, runner: ModelRunner, model_tag: str) -> st
     else:
         hardware = f"{platform.machine()}:{_cpu_model()}:{torch.get_num_threads()}threads"
     key = f"{model_tag}|{runner.vocab_size}|{runner.num_layers}|{settings.dtype}|{hardware}|torch{torch.__version__}"
-    key += f"|skinny{runner.skinny_rows}"
+    if route:
+        key += f"|skinny{runner.skinny_rows}"
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

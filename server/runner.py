@@ -116,7 +116,6 @@ class ModelRunner:
 
     def __init__(self, model, prefill_chunk: int = 512, skinny_rows: int = matmul.MAX_ROWS) -> None:
         model.set_attn_implementation(ATTENTION_NAME)
-        self.skinny_rows = skinny_rows if matmul.install(model, skinny_rows) else 0
         self.model = model
         self.config = model.config
         self.device = next(model.parameters()).device
@@ -124,6 +123,17 @@ class ModelRunner:
         self.num_layers = model.config.num_hidden_layers
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.skinny_rows = 0
+        self.set_skinny_rows(skinny_rows)
+
+    def set_skinny_rows(self, max_rows: int) -> None:
+        """Route CPU forwards of 2..max_rows rows through the skinny matmul (0: stock F.linear
+        everywhere); see trieserve.server.matmul."""
+        if matmul.install(self.model, max_rows):
+            self.skinny_rows = max_rows
+        else:
+            matmul.uninstall(self.model)
+            self.skinny_rows = 0
 
     def new_cache(self) -> KVCache:
         return KVCache(self.num_layers)

@@ -39,8 +39,12 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1, description="requests waiting beyond this get 429")
     max_num_seqs: int = Field(8, ge=1, description="sequences decoding at once")
     prefill_chunk: int = Field(512, ge=16, description="prompt tokens per prefill forward")
-    skinny_rows: int = Field(
-        9, ge=0, le=64, description="CPU: forwards of 2..N rows multiply as weight @ x.T (faster on some BLAS); 0 = off"
+    skinny_rows: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="CPU: forwards of 2..N rows multiply as weight @ x.T (faster on some BLAS/CPUs); "
+        "0 = off; unset = measured at start-up and cached per machine",
     )
     shutdown_grace_s: float = Field(10.0, ge=0, description="on shutdown, running requests get this long to finish")
     # lookahead

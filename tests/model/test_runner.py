@@ -1,7 +1,13 @@
 """The model runner against plain transformers, on the real default model (fp32)."""
 
+import json
+
 import pytest
 import torch
+from torch import nn
+from trieserve.server import matmul
+from trieserve.server.model import load_model
+from trieserve.server.runner import ModelRunner
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog. The quick brown",
@@ -120,3 +126,28 @@ def test_cost_ladder_is_measured_once_then_loaded(runner, tmp_path, monkeypatch)
     monkeypatch.undo()
     other = StepCost.cached(runner, 2, path)
     assert other.sizes == [1, 2]
+
+
+def test_cached_max_rows_measures_once_then_reads_the_file(model_dir, tmp_path, monkeypatch):
+    """The route is measured on the real model at most once per machine key; the result and
+    the timings behind it are in the file, and a second call does not measure."""
+    calls = []
+    real = matmul.measure_routes
+
+    def counting(runner, *a, **k):
+        calls.append(1)
+        return real(runner, (2, 3), prefix=16, rounds=1)
+
+    monkeypatch.setattr(matmul, "measure_routes", counting)
+    model, _ = load_model(model_dir, "float32", "cpu")  # its own copy: the route is switched on it
+    runner = ModelRunner(model, skinny_rows=0)
+    path = tmp_path / "matmul" / "key.json"
+    first = matmul.cached_max_rows(runner, path)
+    assert first in (0, 2, 3) and calls == [1]
+    data = json.loads(path.read_text())
+    assert data["max_rows"] == first and set(data["stock"]) == {"1", "2", "3"}
+    assert all(v > 0 for v in data["skinny"].values())
+    assert matmul.cached_max_rows(runner, path) == first and calls == [1]
+    runner.set_skinny_rows(first)
+    assert runner.skinny_rows == first
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear)) == (first == 0)

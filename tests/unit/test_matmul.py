@@ -66,3 +66,16 @@ def test_rows_in_range_take_the_skinny_route_and_others_f_linear(monkeypatch):
     layer(torch.randn(1, 24))
     layer(torch.randn(10, 24))
     assert calls == [torch.Size([1, 24]), torch.Size([10, 24])]
+
+
+def test_pick_max_rows_takes_the_longest_run_of_clear_wins_from_two_rows():
+    stock = {1: 1.0, 2: 2.0, 3: 2.0, 4: 2.0, 6: 2.0, 8: 2.0, 12: 2.0}
+    # EPYC-like: skinny about one step up to 8 rows, a tie at 12
+    assert matmul.pick_max_rows(stock, {1: 1.0, 2: 1.0, 3: 1.1, 4: 1.1, 6: 1.2, 8: 1.3, 12: 2.0}) == 8
+    # Xeon-like: stock wins at 2 rows, so a later win does not count
+    assert matmul.pick_max_rows(stock, {1: 1.0, 2: 2.1, 3: 1.0, 4: 1.0, 6: 1.0, 8: 1.0, 12: 1.0}) == 0
+    # a 4 % edge is within the margin: not a win
+    assert matmul.pick_max_rows(stock, {n: 0.96 * s for n, s in stock.items()}) == 0
+    assert matmul.pick_max_rows(stock, {n: 0.90 * s for n, s in stock.items()}) == 12
+    # a loss in the middle ends the range there
+    assert matmul.pick_max_rows(stock, {1: 1.0, 2: 1.0, 3: 1.0, 4: 2.5, 6: 1.0, 8: 1.0, 12: 1.0}) == 3
