@@ -14,6 +14,7 @@ import time
 
 import torch
 from trieserve.server.batch import StepRows
+from trieserve.server.builder import skinny_rows
 from trieserve.server.model import load_model, prepare_default_model
 from trieserve.server.runner import ModelRunner
 from trieserve.server.settings import Settings
@@ -26,8 +27,11 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,2,4,8")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    model, _ = load_model(prepare_default_model(Settings().cache_dir), "float32", "cpu")
-    runner = ModelRunner(model, prefill_chunk=512)
+    settings = Settings()
+    path = prepare_default_model(settings.cache_dir)
+    model, _ = load_model(path, "float32", "cpu")
+    runner = ModelRunner(model, prefill_chunk=512, skinny_rows=0)
+    runner.set_skinny_rows(skinny_rows(settings, runner, path.name))  # the server's matmul route
     prompt = [100 + i % 1000 for i in range(args.prefix)]
     base = None
     print(f"threads={torch.get_num_threads()} prefix={args.prefix}")

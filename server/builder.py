@@ -30,11 +30,7 @@ def build_engine(settings: Settings, metrics=None):
     set_backend(settings.kernels)
     model, tokenizer = load_model(path, settings.dtype, device)
     runner = ModelRunner(model, prefill_chunk=settings.prefill_chunk, skinny_rows=0)
-    skinny = settings.skinny_rows
-    if skinny is None:
-        key = _hardware_key(settings, runner, path.name, route=False)
-        skinny = matmul.cached_max_rows(runner, settings.cache_dir / "matmul" / f"{key}.json")
-    runner.set_skinny_rows(skinny)
+    runner.set_skinny_rows(skinny_rows(settings, runner, path.name))
     config = EngineConfig(
         max_queue=settings.max_queue,
         max_num_seqs=settings.max_num_seqs,
@@ -48,6 +44,14 @@ def build_engine(settings: Settings, metrics=None):
     )
     engine.start()
     return engine, tokenizer
+
+
+def skinny_rows(settings: Settings, runner: ModelRunner, model_tag: str) -> int:
+    """`--skinny-rows` when given, else this machine's measured choice (cached per hardware)."""
+    if settings.skinny_rows is not None:
+        return settings.skinny_rows
+    key = _hardware_key(settings, runner, model_tag, route=False)
+    return matmul.cached_max_rows(runner, settings.cache_dir / "matmul" / f"{key}.json")
 
 
 def build_speculator(settings: Settings, runner: ModelRunner, model_tag: str) -> Speculator | None:
