@@ -159,6 +159,15 @@ def full_prefill(runner, ids: list[int], window: int):
     return cache, capture, last
 
 
+VALUE_NORMS: str | None = None  # --value-norms: overrides the defensive policies' own choice
+
+
+def _policy(name: str):
+    if VALUE_NORMS is not None and name in ("defensive", "layer_defensive"):
+        return make_policy(name, value_norms=VALUE_NORMS)
+    return make_policy(name)
+
+
 def run_one_shot(runner, sample: Sample, budgets, window: int, policies=POLICIES) -> tuple[list[dict], dict]:
     """Rows for the full cache and every (policy, budget), and the full cache's references."""
     cache, capture, last = full_prefill(runner, sample.ids, window)
@@ -184,7 +193,7 @@ def run_one_shot(runner, sample: Sample, budgets, window: int, policies=POLICIES
     )
     for budget in budgets:
         for name in policies:
-            policy = make_policy(name)
+            policy = _policy(name)
             evicted = copy.deepcopy(cache)
             compress(evicted, policy, capture, Eviction(policy, budget, window).keep(n), window)
             kept, memory = kept_and_memory(evicted, n)
@@ -205,7 +214,7 @@ def run_chunked(runner, sample: Sample, budget: float, window: int, ref: dict, p
     n = len(sample.ids)
     for name in policies:
         cache, trace = runner.new_cache(), PrefillTrace()
-        last = runner.prefill(cache, sample.ids, eviction=Eviction(make_policy(name), budget, window), trace=trace)
+        last = runner.prefill(cache, sample.ids, eviction=Eviction(_policy(name), budget, window), trace=trace)
         kept, memory = kept_and_memory(cache, n)
         row = {"mode": "chunked", "policy": name, "budget": budget, "kept": kept, "memory": memory}
         row["peak"] = trace.peak_bytes / (ref["row_bytes"] * n)
@@ -315,6 +324,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fidelity", type=int, default=6, help="document-continuation samples")
     ap.add_argument("--length", type=int, default=1000, help="document tokens per prompt")
     ap.add_argument("--window", type=int, default=32)
+    ap.add_argument(
+        "--value-norms",
+        choices=("rows", "heads"),
+        help="normalise the value norms of defensive and layer_defensive this way (default: each policy's own)",
+    )
     ap.add_argument("--chunk", type=int, default=256, help="prefill chunk of the chunked rows")
     ap.add_argument("--chunked-budget", type=float, default=0.2)
     ap.add_argument("--chunked-samples", type=int, default=2, help="per task; 0 = no chunked rows")
@@ -332,6 +346,8 @@ def main(argv: list[str] | None = None) -> None:
             print("\n" + bootstrap(rows, args.bootstrap, args.seed))
         return
     policies = [p for p in args.policies.split(",") if p and p != "full"]
+    global VALUE_NORMS
+    VALUE_NORMS = args.value_norms
     for name in policies:
         make_policy(name)  # an unknown name fails here, before the model loads
     if args.threads:

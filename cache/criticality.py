@@ -8,12 +8,15 @@ Two stages, per (batch, KV head):
 1. Protection: the fewest prefix rows that, with the window (always kept), carry `coverage` of
    the window's mean attention are kept first, in order of attention.
 2. The rest are ranked by score x ||v_i W_o||_1 (averaged over the KV head's query heads),
-   the norms normalised over the head's rows (so every head's weights sum to one).
+   the norms normalised either over the head's rows (`norm_over="rows"`: every head's weights
+   sum to one, so the ranking within a head is the raw norms') or, as the published code does,
+   over the KV heads at each row (`norm_over="heads"`: a row's weights sum to one across heads,
+   so a head's rows are also weighed against the other heads' values at the same position).
 
 Shapes: B batch, Hq query heads, Hkv KV heads (G = Hq // Hkv), W window, S keys (the last W
-are the window's), P = S - W prefix rows, D head dim, M model width. Two details of the published
-code differ here on purpose: the window's share of attention is measured on the window's own keys
-(not the last W prefix keys), and the value norms are normalised over rows (not over heads).
+are the window's), P = S - W prefix rows, D head dim, M model width. One detail of the published
+code differs here on purpose: the window's share of attention is measured on the window's own keys
+(not the last W prefix keys, which the published slicing reads).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ def critical_scores(
     scaling: float,
     valid: torch.Tensor | None = None,
     coverage: float = 0.9,
+    norm_over: str = "rows",
 ) -> torch.Tensor:
     """scores fp32 [B, Hkv, P] (any attention-based aggregation, >= 0; -inf at padding rows) ->
     the two-stage scores, fp32 [B, Hkv, P]: protected rows at the layer's best weighted score x
@@ -65,7 +69,9 @@ def critical_scores(
     norms = value_norms(values[:, :, :P], out_proj, q_win.shape[1])
     if valid is not None:
         norms = norms.masked_fill(~valid[..., :P], 0.0)
-    weights = norms / norms.sum(-1, keepdim=True).clamp(min=1e-12)
+    if norm_over not in ("rows", "heads"):
+        raise ValueError(f"norm_over must be 'rows' or 'heads', not {norm_over!r}")
+    weights = norms / norms.sum(-1 if norm_over == "rows" else 1, keepdim=True).clamp(min=1e-12)
     padding = torch.isneginf(scores)
     weighted = torch.where(padding, scores, scores * weights)  # -inf x 0 would be nan
     # stage 1: rows in order of attention until, with the window's share, `coverage` is reached

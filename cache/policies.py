@@ -201,12 +201,16 @@ class DefensivePolicy(SnapKVPolicy):
     aggregation: ClassVar[str] = "defensive"
     head_budgets: ClassVar[bool] = True
     value_weighting: bool = True
+    # how the value norms are normalised (trieserve.cache.criticality): over each head's rows,
+    # or over the heads at each row as the published code does. Defaults from bench/eviction.py
+    # (docs/benchmarks.md): rows scored better for this policy, heads for Layer-DefensiveKV.
+    value_norms: str = "rows"
 
     def score(self, q_win, keys, scaling, window, valid=None, values=None, out_proj=None):
         scores = super().score(q_win, keys, scaling, window, valid)
         if not self.value_weighting or values is None or out_proj is None:
             return scores
-        return critical_scores(scores, q_win, keys, values, out_proj, scaling, valid)
+        return critical_scores(scores, q_win, keys, values, out_proj, scaling, valid, norm_over=self.value_norms)
 
 
 @dataclass
@@ -217,6 +221,7 @@ class LayerDefensivePolicy(DefensivePolicy):
 
     name: ClassVar[str] = "layer_defensive"
     global_budget: ClassVar[bool] = True
+    value_norms: str = "heads"
 
     def layer_budgets(self, scores, keep, window):
         layers = sorted(scores)

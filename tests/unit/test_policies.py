@@ -398,3 +398,39 @@ def test_critical_scores_leave_padding_rows_out():
     scores = torch.tensor([[[0.4, float("-inf"), 0.1, 0.2]]])
     got = critical_scores(scores, q, k, values, torch.eye(5), 1.0, valid=valid)[0, 0]
     assert torch.isneginf(got[1]) and torch.isfinite(got[[0, 2, 3]]).all()
+
+
+def test_critical_scores_normalise_value_norms_over_rows_or_heads():
+    # two KV heads (one query head each), three prefix rows + one window row; coverage 0: no row
+    # is protected, so every score is attention score x normalised value norm
+    probs = torch.tensor([[[0.3, 0.3, 0.2, 0.2]], [[0.1, 0.4, 0.3, 0.2]]])
+    q = probs.log().unsqueeze(0)  # [1, 2, 1, 4]
+    k = torch.eye(4).expand(1, 2, 4, 4).contiguous()
+    values = torch.zeros(1, 2, 4, 4)
+    values[0, 0, :, 0] = torch.tensor([1.0, 2.0, 3.0, 1.0])
+    values[0, 1, :, 0] = torch.tensor([3.0, 2.0, 1.0, 1.0])
+    out_proj = torch.eye(8)  # ||v W_o||_1 = ||v||_1
+    scores = probs[:, 0, :3].unsqueeze(0).clone()  # [1, 2, 3]
+    rows = critical_scores(scores, q, k, values, out_proj, 1.0, coverage=0.0, norm_over="rows")
+    heads = critical_scores(scores, q, k, values, out_proj, 1.0, coverage=0.0, norm_over="heads")
+    norms = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    torch.testing.assert_close(rows[0], scores[0] * norms / 6, atol=1e-6, rtol=0)
+    torch.testing.assert_close(heads[0], scores[0] * norms / 4, atol=1e-6, rtol=0)  # 1+3, 2+2, 3+1
+    with pytest.raises(ValueError, match="norm_over"):
+        critical_scores(scores, q, k, values, out_proj, 1.0, norm_over="layers")
+
+
+def test_defensive_policies_pass_their_value_normalisation_through():
+    probs = torch.tensor([[[0.3, 0.3, 0.2, 0.2]], [[0.1, 0.4, 0.3, 0.2]]])
+    q = probs.log().unsqueeze(0)
+    k = torch.eye(4).expand(1, 2, 4, 4).contiguous()
+    gen = torch.Generator().manual_seed(3)
+    values = torch.rand(1, 2, 4, 4, generator=gen)
+    out_proj = torch.rand(5, 8, generator=gen)
+    assert make_policy("defensive").value_norms == "rows"
+    assert make_policy("layer_defensive").value_norms == "heads"
+    a = make_policy("defensive", value_norms="heads").score(q, k, 1.0, 1, values=values, out_proj=out_proj)
+    b = make_policy("layer_defensive").score(q, k, 1.0, 1, values=values, out_proj=out_proj)
+    c = make_policy("defensive").score(q, k, 1.0, 1, values=values, out_proj=out_proj)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
