@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -90,24 +89,9 @@ def measure_routes(
     rows: a lookahead step's shape) with stock `F.linear` and with the skinny route, interleaved
     over `rounds` (plus a warm-up round); the fastest of each is kept. Leaves the model with
     stock linears; the caller installs what it picks. Returns (stock, skinny) by row count."""
-    cache = runner.new_cache()
-    runner.prefill(cache, [min(100 + i, runner.vocab_size - 1) for i in range(prefix)])
-    best: dict[str, dict[int, float]] = {"stock": {}, "skinny": {}}
     sizes = sorted({1, *rows})
-    for r in range(rounds + 1):  # round 0 warms every shape up and is not counted
-        for mode, times in best.items():
-            if mode == "skinny":
-                install(runner.model, max(sizes))
-            else:
-                uninstall(runner.model)
-            for n in sizes:
-                mask = torch.ones(n, n, dtype=torch.bool).tril_()
-                start = time.perf_counter()
-                runner.step(cache, torch.full((n,), 100), torch.arange(prefix, prefix + n), mask)
-                seconds = time.perf_counter() - start
-                cache.truncate_new(n, 0)
-                if r:
-                    times[n] = min(times.get(n, float("inf")), seconds)
+    arms = {"stock": lambda: uninstall(runner.model), "skinny": lambda: install(runner.model, max(sizes))}
+    best = runner.time_row_forwards(sizes, prefix, rounds, arms)
     uninstall(runner.model)
     return best["stock"], best["skinny"]
 

@@ -14,7 +14,8 @@ during an evicting prefill: each layer records its observation window's queries,
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import time
+from collections.abc import Callable, Generator
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +138,32 @@ class ModelRunner:
 
     def new_cache(self) -> KVCache:
         return KVCache(self.num_layers)
+
+    def time_row_forwards(
+        self, sizes, prefix: int = 128, rounds: int = 3, arms: dict[str, Callable[[], object]] | None = None
+    ) -> dict[str, dict[int, float]]:
+        """Seconds of one forward of each row count in `sizes` (one sequence, `prefix` tokens
+        cached, causal rows: a lookahead step's shape) on a scratch cache. Sizes, and `arms`
+        (name -> a setup called before that arm's sizes, e.g. switching the matmul route), are
+        interleaved over `rounds` plus a warm-up round, and the fastest run of each is kept, so a
+        burst of load from another process distorts one sample, not the shape of the curve.
+        Returns {arm: {rows: seconds}} ({"": ...} without arms)."""
+        arms = arms or {"": lambda: None}
+        cache = self.new_cache()
+        self.prefill(cache, [min(100 + i, self.vocab_size - 1) for i in range(prefix)])
+        best: dict[str, dict[int, float]] = {name: {} for name in arms}
+        for r in range(rounds + 1):  # round 0 warms every shape up and is not counted
+            for name, setup in arms.items():
+                setup()
+                for n in sizes:
+                    mask = torch.ones(n, n, dtype=torch.bool).tril_()
+                    start = time.perf_counter()
+                    self.step(cache, torch.full((n,), 100), torch.arange(prefix, prefix + n), mask)
+                    seconds = time.perf_counter() - start
+                    cache.truncate_new(n, 0)
+                    if r:
+                        best[name][n] = min(best[name].get(n, float("inf")), seconds)
+        return best
 
     @torch.no_grad()
     def forward(

@@ -24,7 +24,6 @@ import bisect
 import heapq
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -84,17 +83,8 @@ class StepCost:
         several rounds and the fastest run of each kept, so a burst of load from another process
         distorts one sample, not the shape of the curve (decisions depend only on its shape)."""
         sizes = _ladder(max_rows)
-        cache = runner.new_cache()
-        runner.prefill(cache, [min(100 + i, runner.vocab_size - 1) for i in range(prefix)])
-        best = [float("inf")] * len(sizes)
-        for r in range(rounds + 1):  # round 0 warms every shape up and is not counted
-            for i, n in enumerate(sizes):
-                mask = torch.ones(n, n, dtype=torch.bool).tril_()
-                start = time.perf_counter()
-                runner.step(cache, torch.full((n,), 100), torch.arange(prefix, prefix + n), mask)
-                if r:
-                    best[i] = min(best[i], time.perf_counter() - start)
-                cache.truncate_new(n, 0)
+        timed = runner.time_row_forwards(sizes, prefix, rounds)[""]
+        best = [timed[n] for n in sizes]
         pairs = zip(sizes, best, strict=True)
         log.info("forward cost by rows: %s", ", ".join(f"{n}:{s * 1e3:.1f}ms" for n, s in pairs))
         return cls(sizes, _monotone(best))
