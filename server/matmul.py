@@ -17,7 +17,8 @@ at 2 rows). The server does this once per machine at start-up and caches the ans
 (`cached_max_rows`); `--skinny-rows N` forces a value.
 
 `install(model)` switches the model's `nn.Linear` modules to `SkinnyLinear`, which takes that
-route for 2..`max_rows` rows and is `F.linear` otherwise; the weights, tying and the model's
+route for 2..`max_rows` rows and is `F.linear` otherwise (the lean forward, server/lean.py,
+calls the same `linear` with the runner's range); the weights, tying and the model's
 code are untouched. Only CPU models are switched (GPUs run both shapes at full speed). Each
 output element is the same dot product; only the summation order inside the BLAS kernel may
 differ, as it already does between one row and several.
@@ -47,14 +48,19 @@ class SkinnyLinear(nn.Linear):
     max_rows = MAX_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if not 2 <= rows <= self.max_rows:
-            return F.linear(x, self.weight, self.bias)
-        # contiguous: a transposed view sends the next attention call off its fast (flash) path
-        out = (self.weight @ x.reshape(rows, x.shape[-1]).T).T.contiguous()
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.weight.shape[0])
+        return linear(x, self.weight, self.bias, self.max_rows)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_rows: int) -> torch.Tensor:
+    """F.linear, computed as `weight @ x.T` when x has 2..max_rows rows (the skinny route)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if not 2 <= rows <= max_rows:
+        return F.linear(x, weight, bias)
+    # contiguous: a transposed view sends the next attention call off its fast (flash) path
+    out = (weight @ x.reshape(rows, x.shape[-1]).T).T.contiguous()
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def install(model: nn.Module, max_rows: int = MAX_ROWS) -> int:
@@ -90,9 +96,9 @@ def measure_routes(
     over `rounds` (plus a warm-up round); the fastest of each is kept. Leaves the model with
     stock linears; the caller installs what it picks. Returns (stock, skinny) by row count."""
     sizes = sorted({1, *rows})
-    arms = {"stock": lambda: uninstall(runner.model), "skinny": lambda: install(runner.model, max(sizes))}
+    arms = {"stock": lambda: runner.set_skinny_rows(0), "skinny": lambda: runner.set_skinny_rows(max(sizes))}
     best = runner.time_row_forwards(sizes, prefix, rounds, arms)
-    uninstall(runner.model)
+    runner.set_skinny_rows(0)
     return best["stock"], best["skinny"]
 
 

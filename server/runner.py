@@ -34,6 +34,7 @@ from trieserve.kernels.tree_attention import attention_forward as kernel_attenti
 from trieserve.kernels.tree_attention import pack_ancestor_mask
 from trieserve.server import matmul
 from trieserve.server.batch import BatchCache, StepRows, flatten_rows, row_offsets
+from trieserve.server.lean import LeanLlama, supports
 
 ATTENTION_NAME = "trieserve"
 
@@ -115,9 +116,13 @@ AttentionInterface.register(ATTENTION_NAME, tree_sdpa_attention)
 class ModelRunner:
     """Wraps a HF causal LM: prefill and (tree) steps into a per-sequence KVCache."""
 
-    def __init__(self, model, prefill_chunk: int = 512, skinny_rows: int = matmul.MAX_ROWS) -> None:
+    def __init__(self, model, prefill_chunk: int = 512, skinny_rows: int = matmul.MAX_ROWS, lean: bool = True) -> None:
         model.set_attn_implementation(ATTENTION_NAME)
         self.model = model
+        # the lean forward (server/lean.py) where the architecture allows it; same results
+        self.lean = (
+            LeanLlama(model, tree_sdpa_attention, lambda: self.skinny_rows) if lean and supports(model) else None
+        )
         self.config = model.config
         self.device = next(model.parameters()).device
         self.prefill_chunk = prefill_chunk
@@ -185,15 +190,20 @@ class ModelRunner:
             kwargs["tree_mask"] = tree_mask.to(self.device)
             if use_triton(kwargs["tree_mask"]):
                 kwargs["anc_bits"] = pack_ancestor_mask(kwargs["tree_mask"].unsqueeze(0))
-        out = self.model(
-            input_ids=input_ids.to(self.device).unsqueeze(0),
-            position_ids=position_ids.to(self.device).unsqueeze(0),
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1 if last_only else 0,
-            **kwargs,
+        hidden = self._hidden(
+            input_ids.to(self.device).unsqueeze(0), position_ids.to(self.device).unsqueeze(0), cache, **kwargs
         )
-        return out.logits[0].float()
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.model.get_output_embeddings()(hidden)[0].float()
+
+    def _hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache, **kwargs) -> torch.Tensor:
+        """Last hidden states [1, T, hidden] of a forward over [1, T] rows into `cache`."""
+        if self.lean is not None:
+            return self.lean.forward(input_ids, position_ids, cache, **kwargs)
+        return self.model.base_model(
+            input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True, **kwargs
+        ).last_hidden_state
 
     def prefill(
         self,
@@ -263,16 +273,15 @@ class ModelRunner:
         masks = [
             None if p.tree_mask is None or p.input_ids.numel() == 1 else p.tree_mask.to(self.device) for p in parts
         ]
-        hidden = self.model.base_model(
-            input_ids=ids,
-            position_ids=pos,
-            cache=BatchCache(caches, rows, offsets),
-            use_cache=True,
+        hidden = self._hidden(
+            ids,
+            pos,
+            BatchCache(caches, rows, offsets),
             batch_rows=rows,
             batch_offsets=offsets,
             batch_tree_masks=masks,
             batch_caches=caches,
-        ).last_hidden_state
+        )
         picked = []
         for lo, t, p in zip(offsets, rows, parts, strict=True):
             sl = p.logits_rows if p.logits_rows is not None else slice(0, t)

@@ -1,0 +1,76 @@
+"""The lean forward (server/lean.py) gives the transformers forward's logits bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from trieserve.server.batch import StepRows
+from trieserve.server.lean import LeanLlama, supports
+from trieserve.server.model import load_model
+from trieserve.server.runner import ModelRunner
+
+
+@pytest.fixture(scope="module")
+def runners(model_dir):
+    """(lean, transformers) runners over one model: the lean one fuses the weights in place,
+    and the transformers forward reads the same (viewed) weights."""
+    model, _ = load_model(model_dir, "float32", "cpu")
+    lean = ModelRunner(model, prefill_chunk=64, skinny_rows=0)
+    plain = ModelRunner(model, prefill_chunk=64, skinny_rows=0, lean=False)
+    assert isinstance(lean.lean, LeanLlama) and plain.lean is None
+    return lean, plain
+
+
+PROMPT = [(7 * i * i + 3 * i + 11) % 40000 + 100 for i in range(150)]
+
+
+def test_the_default_model_takes_the_lean_forward(runner):
+    assert supports(runner.model) and runner.lean is not None
+
+
+def test_fused_weights_add_no_memory(runners):
+    layer = runners[0].model.model.layers[0]
+    q, k, v = layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+    gate, up = layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight
+    assert gate.untyped_storage().data_ptr() == up.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("skinny", [0, 8])
+def test_prefill_step_and_tree_step_match_bit_for_bit(runners, skinny):
+    lean, plain = runners
+    for r in runners:
+        r.set_skinny_rows(skinny)
+    caches = [r.new_cache() for r in runners]
+    logits = [r.prefill(c, PROMPT) for r, c in zip(runners, caches, strict=True)]  # 3 chunks of 64
+    assert torch.equal(logits[0], logits[1])
+    # a one-row step, then a 6-row tree ([last] + two branches)
+    one = [r.step(c, torch.tensor([42]), torch.tensor([150]), None) for r, c in zip(runners, caches, strict=True)]
+    assert torch.equal(one[0], one[1])
+    mask = torch.tensor(
+        [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 0, 0, 1, 0, 0], [1, 0, 0, 1, 1, 0], [1, 0, 0, 1, 1, 1]],
+        dtype=torch.bool,
+    )  # fmt: skip
+    ids, pos = torch.tensor([9, 300, 301, 500, 501, 502]), torch.tensor([151, 152, 153, 152, 153, 154])
+    tree = [r.step(c, ids, pos, mask) for r, c in zip(runners, caches, strict=True)]
+    assert torch.equal(tree[0], tree[1])
+    for la, lb in zip(caches[0].layers, caches[1].layers, strict=True):
+        assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
+    for r in runners:
+        r.set_skinny_rows(0)
+
+
+def test_batched_step_matches_bit_for_bit(runners):
+    out = []
+    for r in runners:
+        caches = [r.new_cache() for _ in range(3)]
+        for n, c in zip((40, 90, 17), caches, strict=True):
+            r.prefill(c, PROMPT[:n])
+        parts = [
+            StepRows(torch.tensor([5]), torch.tensor([40]), None),
+            StepRows(torch.tensor([6, 7, 8]), torch.tensor([90, 91, 91]), torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)),
+            StepRows(torch.tensor(PROMPT[17:30]), torch.arange(17, 30), None, logits_rows=slice(12, 13)),
+        ]  # fmt: skip
+        out.append(r.step_batch(caches, parts))
+    for a, b in zip(*out, strict=True):
+        assert torch.equal(a, b)
