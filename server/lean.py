@@ -91,7 +91,10 @@ class LeanLlama:
                     layer.input_layernorm.weight,
                     layer.input_layernorm.variance_epsilon,
                     _fuse([attn.q_proj, attn.k_proj, attn.v_proj]),
-                    (attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0], attn.v_proj.weight.shape[0]),
+                    (  # heads: queries + keys, queries
+                        (attn.q_proj.weight.shape[0] + attn.k_proj.weight.shape[0]) // attn.head_dim,
+                        attn.q_proj.weight.shape[0] // attn.head_dim,
+                    ),
                     attn.o_proj.weight,
                     layer.post_attention_layernorm.weight,
                     layer.post_attention_layernorm.variance_epsilon,
@@ -112,12 +115,10 @@ class LeanLlama:
         cos, sin = self.rotary(h, position_ids)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         b, t = input_ids.shape
-        for attn, n1, eps1, qkv_w, split, o_w, n2, eps2, gu_w, down_w in self.layers:
-            qkv = linear(_rms_norm(h, n1, eps1), qkv_w)
-            q, k, v = (
-                x.view(b, t, -1, attn.head_dim).transpose(1, 2) for x in qkv.split(split, dim=-1)
-            )  # fmt: skip
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        for attn, n1, eps1, qkv_w, heads, o_w, n2, eps2, gu_w, down_w in self.layers:
+            qkv = linear(_rms_norm(h, n1, eps1), qkv_w).view(b, t, -1, attn.head_dim).transpose(1, 2)
+            qk = _rotate(qkv[:, : heads[0]], cos, sin)  # queries and keys rotated in one pass
+            q, k, v = qk[:, : heads[1]], qk[:, heads[1] :], qkv[:, heads[0] :]
             k, v = cache.update(k, v, attn.layer_idx)
             out, _ = self.attention(attn, q, k, v, None, scaling=attn.scaling, **kwargs)
             h = h + linear(out.reshape(b, t, -1), o_w)
