@@ -86,7 +86,8 @@ def build_speculator(settings: Settings, runner: ModelRunner, model_tag: str) ->
 
 def _hardware_key(settings: Settings, runner: ModelRunner, model_tag: str, route: bool = True) -> str:
     """What a forward's cost depends on: the model, its dtype, the device, how many threads
-    run it and (`route`) the CPU matmul route (`skinny_rows`). Each combination gets its own
+    run it, which forward runs it (lean or transformers) and (`route`) the CPU matmul route
+    (`skinny_rows`). Each combination gets its own
     measured ladder; the route choice itself is keyed without the route."""
     import torch
 
@@ -96,6 +97,7 @@ def _hardware_key(settings: Settings, runner: ModelRunner, model_tag: str, route
     else:
         hardware = f"{platform.machine()}:{_cpu_model()}:{torch.get_num_threads()}threads"
     key = f"{model_tag}|{runner.vocab_size}|{runner.num_layers}|{settings.dtype}|{hardware}|torch{torch.__version__}"
+    key += "|lean" if runner.lean is not None else "|transformers"
     if route:
         key += f"|skinny{runner.skinny_rows}"
     return hashlib.sha256(key.encode()).hexdigest()[:16]
