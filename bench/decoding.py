@@ -17,6 +17,10 @@ noise hits every method alike:
     ts_warm     trieserve lookahead, the output trie first warmed with the other prompts of the
                 same workload run through the engine (not measured)
 
+The trieserve methods take the server's settings from `TRIESERVE_*` variables:
+`TRIESERVE_LEAN_FORWARD=false` runs them on the transformers forward instead of the lean one
+(server/lean.py), which shows what that forward contributes; the report names the forward.
+
 Every method gets the same prompt token ids and stops on EOS or `--max-new-tokens`. Seconds are
 end to end (prefill included) per request; tokens/s = sum of tokens / sum of seconds. Greedy
 trieserve output must equal HF greedy's token ids on every prompt: any mismatch is printed and
@@ -530,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- software: Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
         f"- model: SmolLM2-135M-Instruct, fp32; max new tokens {args.max_new_tokens}; seed {args.seed}",
         f"- trieserve: decoding_length {settings.decoding_length}, branch_length {settings.branch_length}, "
-        f"mode {settings.lookahead_mode}, max_match {settings.max_match}",
+        f"mode {settings.lookahead_mode}, max_match {settings.max_match}, "
+        f"forward {'lean' if ts.engine.runner.lean is not None else 'transformers'}",
         f"- trieserve forward cost by rows (ms), start-up: {cost_at_start}",
         f"- same, after the run (online updates): {cost_at_end}",
         "",

@@ -29,7 +29,7 @@ def build_engine(settings: Settings, metrics=None):
     torch.manual_seed(0)
     set_backend(settings.kernels)
     model, tokenizer = load_model(path, settings.dtype, device)
-    runner = ModelRunner(model, prefill_chunk=settings.prefill_chunk, skinny_rows=0)
+    runner = ModelRunner(model, prefill_chunk=settings.prefill_chunk, skinny_rows=0, lean=settings.lean_forward)
     runner.set_skinny_rows(skinny_rows(settings, runner, path.name))
     config = EngineConfig(
         max_queue=settings.max_queue,

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
         description="CPU: forwards of 2..N rows multiply as weight @ x.T (faster on some BLAS/CPUs); "
         "0 = off; unset = measured at start-up and cached per machine",
     )
+    lean_forward: bool = Field(
+        True,
+        description="Llama-architecture models run a lean decoder forward (same logits, fewer operations); "
+        "off: the transformers forward",
+    )
     shutdown_grace_s: float = Field(10.0, ge=0, description="on shutdown, running requests get this long to finish")
     # lookahead
     lookahead: bool = Field(True, description="speculate with the trie (per-request `lookahead` overrides)")
