@@ -1,10 +1,12 @@
 """What a batched decode step costs against a one-sequence step on this machine.
 
-    python bench/batch_step.py [--prefix 170] [--repeats 6]
+    python bench/batch_step.py [--prefix 170] [--repeats 6] [--forwards lean,transformers]
 
 Each of B sequences holds a prefilled cache of `prefix` tokens; one `step_batch` forward adds
 one row per sequence. Also prints what the prefill of `prefix` tokens costs (one sequence). Prints the fastest of `repeats` runs per batch size, and the ratio to
 B = 1: below B means batching raises decode throughput (B / ratio = the throughput gain).
+With several `--forwards`, each batch size is timed on each forward (lean: server/lean.py;
+transformers: the model's own forward) over the same model, alternating run by run.
 """
 
 from __future__ import annotations
@@ -26,43 +28,63 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--batch-sizes", default="1,2,4,8")
     ap.add_argument("--profile", action="store_true", help="torch-profile the largest batch's steps: top ops")
+    ap.add_argument("--forwards", default="lean", help="comma-separated: lean, transformers")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     settings = Settings()
     path = prepare_default_model(settings.cache_dir)
     model, _ = load_model(path, "float32", "cpu")
-    runner = ModelRunner(model, prefill_chunk=512, skinny_rows=0)
-    runner.set_skinny_rows(skinny_rows(settings, runner, path.name))  # the server's matmul route
+    runners = {}
+    for name in args.forwards.split(","):
+        if name not in ("lean", "transformers"):
+            ap.error(f"unknown forward {name!r}")
+        runners[name] = ModelRunner(model, prefill_chunk=512, skinny_rows=0, lean=name == "lean")
+    runner = next(iter(runners.values()))
+    route = skinny_rows(settings, runner, path.name)  # the server's matmul route
+    for r in runners.values():
+        r.set_skinny_rows(route)
     prompt = [100 + i % 1000 for i in range(args.prefix)]
-    base = None
-    prefill = float("inf")
+    prefill = dict.fromkeys(runners, float("inf"))
     for _ in range(args.repeats + 1):
-        start = time.perf_counter()
-        runner.prefill(runner.new_cache(), prompt)
-        prefill = min(prefill, time.perf_counter() - start)
-    print(f"threads={torch.get_num_threads()} prefix={args.prefix} prefill of the prefix: {prefill * 1e3:.1f} ms")
-    for b in (int(x) for x in args.batch_sizes.split(",")):
-        caches = []
-        for _ in range(b):
-            cache = runner.new_cache()
-            runner.prefill(cache, prompt)
-            caches.append(cache)
-        best = float("inf")
-        for i in range(args.repeats + 1):  # the first run warms up and is not counted
-            rows = [StepRows(torch.tensor([5]), torch.tensor([args.prefix + i]), None) for _ in range(b)]
+        for name, r in runners.items():
             start = time.perf_counter()
-            runner.step_batch(caches, rows)
-            if i:
-                best = min(best, time.perf_counter() - start)
-        base = base or best
-        print(f"B={b}: {best * 1e3:.1f} ms per step, {best / base:.2f}x B=1, throughput {b * base / best:.2f}x B=1")
+            r.prefill(r.new_cache(), prompt)
+            prefill[name] = min(prefill[name], time.perf_counter() - start)
+    for name in runners:
+        print(
+            f"threads={torch.get_num_threads()} prefix={args.prefix} {name}: prefill of the prefix {prefill[name] * 1e3:.1f} ms"
+        )
+    base: dict[str, float] = {}
+    for b in (int(x) for x in args.batch_sizes.split(",")):
+        caches = {}
+        for name, r in runners.items():
+            caches[name] = []
+            for _ in range(b):
+                cache = r.new_cache()
+                r.prefill(cache, prompt)
+                caches[name].append(cache)
+        best = dict.fromkeys(runners, float("inf"))
+        for i in range(args.repeats + 1):  # the first run warms up and is not counted
+            for name, r in runners.items():
+                rows = [StepRows(torch.tensor([5]), torch.tensor([args.prefix + i]), None) for _ in range(b)]
+                start = time.perf_counter()
+                r.step_batch(caches[name], rows)
+                if i:
+                    best[name] = min(best[name], time.perf_counter() - start)
+        for name in runners:
+            base.setdefault(name, best[name])
+            ratio = best[name] / base[name]
+            print(
+                f"{name} B={b}: {best[name] * 1e3:.1f} ms per step, {ratio:.2f}x B=1, throughput {b / ratio:.2f}x B=1"
+            )
+        cache_list = caches[next(iter(runners))]
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for i in range(args.repeats):
                 rows = [StepRows(torch.tensor([5]), torch.tensor([args.prefix + 100 + i]), None) for _ in range(b)]
-                runner.step_batch(caches, rows)
+                runner.step_batch(cache_list, rows)
         print(f"B={b}, {args.repeats} steps:")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 

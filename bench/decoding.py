@@ -50,6 +50,7 @@ import shlex
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -134,10 +135,16 @@ class Totals:
 
 
 class HFRunner:
-    """HF `generate` on its own model object; counts forward calls with a forward hook."""
+    """HF `generate` on its own model object; counts forward calls with a forward hook.
 
-    def __init__(self, model_dir: Path, max_new_tokens: int) -> None:
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    Loading and every `generate` run on the thread `run_on` hands them to: the trieserve
+    engine's (`Engine.call`), so one thread runs all the process's torch work. A second thread
+    running torch would give OpenMP more threads than cores and slow both methods alike by
+    ~1.5x (server/engine.py)."""
+
+    def __init__(self, model_dir: Path, max_new_tokens: int, run_on: Callable = lambda fn: fn()) -> None:
+        self.run_on = run_on
+        self.model = run_on(lambda: AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval())
         self.max_new_tokens = max_new_tokens
         self.calls = 0
         self.model.register_forward_hook(self._count)
@@ -145,12 +152,17 @@ class HFRunner:
     def _count(self, *_args) -> None:
         self.calls += 1
 
-    @torch.inference_mode()
     def generate(
         self, ids: list[int], pld: bool, max_new_tokens: int | None = None, skinny: bool = False
     ) -> tuple[list[int], float, int]:
         """Returns (new token ids, seconds, forward calls). `skinny`: run with trieserve's CPU
         skinny matmul switched in (and out again afterwards)."""
+        return self.run_on(lambda: self._generate(ids, pld, max_new_tokens, skinny))
+
+    @torch.inference_mode()
+    def _generate(
+        self, ids: list[int], pld: bool, max_new_tokens: int | None, skinny: bool
+    ) -> tuple[list[int], float, int]:
         x = torch.tensor([ids])
         extra = {"prompt_lookup_num_tokens": PLD_TOKENS} if pld else {}
         self.calls = 0
@@ -496,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"building the trieserve engine ({load()})")
     ts = EngineRunner(settings, args.max_new_tokens)
     cost_at_start = ts.cost_table()
-    hf = HFRunner(resolve_model_path(settings.model, settings.cache_dir), args.max_new_tokens)
+    hf = HFRunner(resolve_model_path(settings.model, settings.cache_dir), args.max_new_tokens, ts.engine.call)
     tokenizer = ts.tokenizer
 
     def first_answer(messages: list[dict]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import platform
+import threading
 
 from trieserve.decoding.draft import DraftConfig
 from trieserve.decoding.trie import OutputStore
@@ -20,7 +21,31 @@ log = logging.getLogger(__name__)
 
 
 def build_engine(settings: Settings, metrics=None):
-    """Returns (started engine, tokenizer)."""
+    """Returns (started engine, tokenizer). The model is loaded, measured and run on one new
+    thread, the engine's (why: server/engine.py); errors while building are raised here."""
+    built: dict = {}
+    ready = threading.Event()
+
+    def engine_thread() -> None:
+        try:
+            engine, tokenizer = _build(settings, metrics)
+            engine.bind_to_current_thread()
+            built["engine"] = engine, tokenizer
+        except BaseException as exc:
+            built["error"] = exc
+            return
+        finally:
+            ready.set()
+        engine.run()
+
+    threading.Thread(target=engine_thread, name="trieserve-engine", daemon=True).start()
+    ready.wait()
+    if "error" in built:
+        raise built["error"]
+    return built["engine"]
+
+
+def _build(settings: Settings, metrics=None):
     import torch
 
     path = resolve_model_path(settings.model, settings.cache_dir)
@@ -42,7 +67,6 @@ def build_engine(settings: Settings, metrics=None):
     engine = Engine(
         runner, tokenizer, config, metrics=metrics, speculator=build_speculator(settings, runner, path.name)
     )
-    engine.start()
     return engine, tokenizer
 
 

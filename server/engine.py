@@ -1,5 +1,15 @@
 """The engine: one worker thread owns the model and runs the step loop.
 
+One thread, and only one, runs torch work in a serving process. PyTorch's CPU kernels run on
+OpenMP, and each thread that runs a parallel region gets its own pool of OpenMP workers; once
+two threads hold pools, there are more OpenMP threads than cores (2 + 2 on 2 cores) and libgomp
+throttles its workers' spin-waiting, so every small parallel region waits on a sleeping worker.
+Measured on the 2-core Xeon: a one-row SmolLM2 step takes 30 ms when one thread does all the
+torch work and 46-48 ms in every thread once a second thread has run any (`python
+bench/batch_step.py` shape, fp32). So `builder.build_engine` loads the model and measures its
+costs on the engine's own thread, which then runs the loop, and other threads that need the
+model (a benchmark's reference runs) hand work to it with `Engine.call`.
+
 Routes submit a `GenerationRequest` with an `emit` callback and get a `Sequence` back; the worker
 admits sequences from a bounded queue, prefills them, then advances every running sequence one
 decode step per round (draft, verify, accept, rewind). Events flow back through `emit`.
@@ -51,12 +61,49 @@ class Engine:
         self._stopping = threading.Event()
         self._accepting = True
         self._thread: threading.Thread | None = None
+        self._calls: queue.Queue = queue.Queue()  # (fn, done event, result box) run between rounds
         self.fault_hook: Callable[[Sequence], None] | None = None  # tests inject per-sequence faults
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="trieserve-engine", daemon=True)
+        """Run the loop in a new thread (see `builder.build_engine` for running it on the thread
+        that built the model, which serving should)."""
+        self._thread = threading.Thread(target=self.run, name="trieserve-engine", daemon=True)
         self._thread.start()
+
+    def bind_to_current_thread(self) -> None:
+        """Make the calling thread the engine's: `call` hands work to it, `run` must follow."""
+        self._thread = threading.current_thread()
+
+    def run(self) -> None:
+        """The step loop, in the calling thread, until `stop`."""
+        self.bind_to_current_thread()
+        self._loop()
+
+    def call(self, fn: Callable[[], object]) -> object:
+        """Run `fn()` on the engine's thread between rounds and return its result (or raise its
+        exception): torch work from another thread without a second OpenMP pool (see above)."""
+        if self._thread is None or threading.current_thread() is self._thread or self._stopping.is_set():
+            return fn()
+        done, box = threading.Event(), {}
+        self._calls.put((fn, done, box))
+        self._wake.set()
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, done, box = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # handed back to the caller, not the engine's problem
+                box["error"] = exc
+            done.set()
 
     def stop(self, grace_s: float = 0.0) -> None:
         """Stop taking requests; let running ones finish for up to `grace_s`, cancel the rest."""
@@ -97,6 +144,7 @@ class Engine:
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stopping.is_set():
+            self._run_calls()
             self._admit()
             if not self.running:
                 self._wake.wait(timeout=0.5)
@@ -111,6 +159,7 @@ class Engine:
         for seq in self.running + _drain(self.waiting):
             seq.finish("cancelled")
         self.running.clear()
+        self._run_calls()
 
     def _admit(self) -> None:
         while len(self.running) < self.config.max_num_seqs:

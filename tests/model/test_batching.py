@@ -211,3 +211,31 @@ def test_decode_rows_ride_in_the_prefill_chunk_s_forward(runner, tokenizer):
         assert running.output_ids == expected
     finally:
         runner.step_batch = step_batch
+
+
+def test_the_engine_thread_built_the_model_and_takes_calls(engine):
+    """build_engine loads the model on the thread that runs the loop, and `call` hands work to
+    that thread (one thread runs all torch work: see server/engine.py)."""
+    thread = engine.call(threading.current_thread)
+    assert thread is not threading.current_thread() and thread.name == "trieserve-engine"
+    assert engine.call(lambda: engine.runner.model.dtype) is not None
+
+    def boom():
+        raise ValueError("raised on the engine thread")
+
+    with pytest.raises(ValueError, match="engine thread"):
+        engine.call(boom)
+    # the loop is still serving after a failed call
+    c = Collector()
+    engine.submit(
+        GenerationRequest(
+            prompt_ids=[1, 2, 3, 4], max_tokens=3, params=SamplingParams(temperature=0.0), ignore_eos=True
+        ),
+        c,
+    )
+    assert c.done.wait(60) and len(c.tokens) == 3
+
+
+def test_build_errors_are_raised_to_the_caller(tmp_path):
+    with pytest.raises(Exception, match="not a local HuggingFace model folder"):
+        build_engine(Settings(model=str(tmp_path / "no-such-model")))
