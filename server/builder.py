@@ -29,6 +29,7 @@ def build_engine(settings: Settings, metrics=None):
     def engine_thread() -> None:
         try:
             engine, tokenizer = _build(settings, metrics)
+            engine.built_on = threading.current_thread()
             engine.bind_to_current_thread()
             built["engine"] = engine, tokenizer
         except BaseException as exc:

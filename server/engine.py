@@ -62,6 +62,9 @@ class Engine:
         self._accepting = True
         self._thread: threading.Thread | None = None
         self._calls: queue.Queue = queue.Queue()  # (fn, done event, result box) run between rounds
+        self._calls_lock = threading.Lock()
+        self._calls_closed = False  # set once the loop has ended: later calls run in the caller
+        self.built_on: threading.Thread | None = None  # the thread that loaded the model (builder)
         self.fault_hook: Callable[[Sequence], None] | None = None  # tests inject per-sequence faults
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -83,12 +86,19 @@ class Engine:
     def call(self, fn: Callable[[], object]) -> object:
         """Run `fn()` on the engine's thread between rounds and return its result (or raise its
         exception): torch work from another thread without a second OpenMP pool (see above)."""
-        if self._thread is None or threading.current_thread() is self._thread or self._stopping.is_set():
+        if self._thread is None or threading.current_thread() is self._thread:
             return fn()
         done, box = threading.Event(), {}
-        self._calls.put((fn, done, box))
+        with self._calls_lock:
+            closed = self._calls_closed
+            if not closed:
+                self._calls.put((fn, done, box))
+        if closed:  # the loop has ended: nothing else runs torch on its thread any more
+            return fn()
         self._wake.set()
-        done.wait()
+        while not done.wait(0.5):
+            if not self._thread.is_alive():
+                raise RuntimeError("the engine thread ended before running the call")
         if "error" in box:
             raise box["error"]
         return box["value"]
@@ -142,6 +152,14 @@ class Engine:
 
     # ---- worker ------------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:
+            with self._calls_lock:
+                self._calls_closed = True
+            self._run_calls()  # calls queued before the close still run here
+
+    def _serve(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stopping.is_set():
             self._run_calls()
@@ -159,7 +177,6 @@ class Engine:
         for seq in self.running + _drain(self.waiting):
             seq.finish("cancelled")
         self.running.clear()
-        self._run_calls()
 
     def _admit(self) -> None:
         while len(self.running) < self.config.max_num_seqs:

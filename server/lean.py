@@ -5,11 +5,12 @@ matmuls (memory-bound, ~2/3 of a SmolLM2-135M step) and a fixed cost of several 
 operator calls and Python module calls per forward (~1/4 of it). The second does not shrink
 with batching or speculation and is paid again on every step. This forward walks the same
 decoder layers with fewer calls: q/k/v and gate/up are each one matmul over a fused weight,
-RMSNorm is one fused call (fp32), no module wrappers or mask building per layer.
+RMSNorm is one call, no module wrappers or mask building per layer. CPU, fp32 only
+(`supports`).
 
 It changes no result: every output element is computed by the same kernel with the same
 summation order (a fused weight's rows are the original rows; MKL's sum over the inner
-dimension does not depend on how many rows the weight has, and `tests/test_lean.py` checks the
+dimension does not depend on how many rows the weight has, and `tests/model/test_lean.py` checks the
 logits bit for bit against the transformers forward for prefill, tree and batched steps). The
 fused weights replace the originals, whose parameters become views of them: no memory is
 added and the transformers forward (kept for other architectures and as the reference) reads
@@ -31,18 +32,31 @@ from trieserve.server import matmul
 
 
 def supports(model) -> bool:
-    """True for the architectures whose layers this forward reproduces exactly: Llama-style
-    decoders without projection biases, with SiLU MLPs and RMSNorm."""
+    """True where this forward is checked to reproduce the transformers forward bit for bit:
+    Llama-style decoders (no projection biases, SiLU MLPs, RMSNorm) with plain, unquantized
+    fp32 `nn.Linear` projections, on the CPU. Elsewhere (CUDA kernels and cuBLAS may sum in a
+    different order for the fused shapes; quantized layers carry scales) the transformers
+    forward runs."""
     config = model.config
-    return (
+    if not (
         getattr(config, "model_type", None) == "llama"
         and not getattr(config, "attention_bias", False)
         and not getattr(config, "mlp_bias", False)
         and getattr(config, "hidden_act", None) == "silu"
         and getattr(config, "pretraining_tp", 1) == 1
+        and getattr(config, "quantization_config", None) is None
         and hasattr(model, "model")
         and hasattr(model.model, "rotary_emb")
-    )
+    ):
+        return False
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            if not isinstance(proj, nn.Linear) or proj.bias is not None:
+                return False
+            if proj.weight.device.type != "cpu" or proj.weight.dtype != torch.float32:
+                return False
+    return True
 
 
 def _fuse(modules: list[nn.Linear]) -> torch.Tensor:
@@ -58,10 +72,8 @@ def _fuse(modules: list[nn.Linear]) -> torch.Tensor:
 
 
 def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if h.dtype == torch.float32:  # one fused call, bit-identical to the formula below in fp32
-        return F.rms_norm(h, (h.shape[-1],), weight, eps)
-    variance = h.float().pow(2).mean(-1, keepdim=True)  # the transformers formula: fp32 inside
-    return weight * (h.float() * torch.rsqrt(variance + eps)).to(h.dtype)
+    # one call; on the CPU in fp32 it computes the transformers formula, bit for bit
+    return F.rms_norm(h, (h.shape[-1],), weight, eps)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -74,10 +86,18 @@ class LeanLlama:
     `model.model(...).last_hidden_state` would return them. Built once per model; fuses the
     weights in place (see the module docstring)."""
 
-    def __init__(self, model, attention: Callable, max_rows: Callable[[], int]) -> None:
+    @classmethod
+    def of(cls, model, attention: Callable) -> LeanLlama:
+        """The model's lean forward, built (and its weights fused) on first use only."""
+        lean = getattr(model, "_trieserve_lean", None)
+        if lean is None:
+            lean = cls(model, attention)
+            model._trieserve_lean = lean
+        return lean
+
+    def __init__(self, model, attention: Callable) -> None:
         self.model = model
         self.attention = attention
-        self.max_rows = max_rows  # the matmul route's current skinny range (see matmul.py)
         base = model.model
         self.embed = base.embed_tokens
         self.rotary = base.rotary_emb
@@ -104,9 +124,11 @@ class LeanLlama:
             )
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache, **kwargs) -> torch.Tensor:
-        """input_ids, position_ids [1, T]; returns hidden states [1, T, hidden]."""
-        max_rows = self.max_rows()
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache, max_rows: int = 0, **kwargs
+    ) -> torch.Tensor:
+        """input_ids, position_ids [1, T]; returns hidden states [1, T, hidden]. `max_rows`: the
+        matmul route's skinny range (server/matmul.py)."""
 
         def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             return matmul.linear(x, weight, None, max_rows)

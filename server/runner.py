@@ -120,9 +120,7 @@ class ModelRunner:
         model.set_attn_implementation(ATTENTION_NAME)
         self.model = model
         # the lean forward (server/lean.py) where the architecture allows it; same results
-        self.lean = (
-            LeanLlama(model, tree_sdpa_attention, lambda: self.skinny_rows) if lean and supports(model) else None
-        )
+        self.lean = LeanLlama.of(model, tree_sdpa_attention) if lean and supports(model) else None
         self.config = model.config
         self.device = next(model.parameters()).device
         self.prefill_chunk = prefill_chunk
@@ -190,9 +188,18 @@ class ModelRunner:
             kwargs["tree_mask"] = tree_mask.to(self.device)
             if use_triton(kwargs["tree_mask"]):
                 kwargs["anc_bits"] = pack_ancestor_mask(kwargs["tree_mask"].unsqueeze(0))
-        hidden = self._hidden(
-            input_ids.to(self.device).unsqueeze(0), position_ids.to(self.device).unsqueeze(0), cache, **kwargs
-        )
+        input_ids, position_ids = input_ids.to(self.device).unsqueeze(0), position_ids.to(self.device).unsqueeze(0)
+        if self.lean is None:  # the model's own forward, logit scaling or soft-capping included
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1 if last_only else 0,
+                **kwargs,
+            )
+            return out.logits[0].float()
+        hidden = self._hidden(input_ids, position_ids, cache, **kwargs)
         if last_only:
             hidden = hidden[:, -1:]
         return self.model.get_output_embeddings()(hidden)[0].float()
@@ -200,7 +207,7 @@ class ModelRunner:
     def _hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache, **kwargs) -> torch.Tensor:
         """Last hidden states [1, T, hidden] of a forward over [1, T] rows into `cache`."""
         if self.lean is not None:
-            return self.lean.forward(input_ids, position_ids, cache, **kwargs)
+            return self.lean.forward(input_ids, position_ids, cache, max_rows=self.skinny_rows, **kwargs)
         return self.model.base_model(
             input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True, **kwargs
         ).last_hidden_state

@@ -217,8 +217,7 @@ def test_the_engine_thread_built_the_model_and_takes_calls(engine):
     """build_engine loads the model on the thread that runs the loop, and `call` hands work to
     that thread (one thread runs all torch work: see server/engine.py)."""
     thread = engine.call(threading.current_thread)
-    assert thread is not threading.current_thread() and thread.name == "trieserve-engine"
-    assert engine.call(lambda: engine.runner.model.dtype) is not None
+    assert thread is not threading.current_thread() and thread is engine.built_on
 
     def boom():
         raise ValueError("raised on the engine thread")
@@ -239,3 +238,13 @@ def test_the_engine_thread_built_the_model_and_takes_calls(engine):
 def test_build_errors_are_raised_to_the_caller(tmp_path):
     with pytest.raises(Exception, match="not a local HuggingFace model folder"):
         build_engine(Settings(model=str(tmp_path / "no-such-model")))
+
+
+def test_calls_after_the_loop_ended_run_in_the_caller(runner, tokenizer):
+    from trieserve.server.engine import Engine, EngineConfig
+
+    eng = Engine(runner, tokenizer, EngineConfig(lookahead=False))
+    eng.start()
+    assert eng.call(threading.current_thread) is eng._thread
+    eng.stop()
+    assert eng.call(threading.current_thread) is threading.current_thread()  # no hang, no engine thread

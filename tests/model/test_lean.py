@@ -38,9 +38,16 @@ def test_fused_weights_add_no_memory(runners):
 
 @pytest.mark.parametrize("skinny", [0, 8])
 def test_prefill_step_and_tree_step_match_bit_for_bit(runners, skinny):
-    lean, plain = runners
     for r in runners:
         r.set_skinny_rows(skinny)
+    try:
+        _compare_steps(runners)
+    finally:
+        for r in runners:
+            r.set_skinny_rows(0)
+
+
+def _compare_steps(runners):
     caches = [r.new_cache() for r in runners]
     logits = [r.prefill(c, PROMPT) for r, c in zip(runners, caches, strict=True)]  # 3 chunks of 64
     assert torch.equal(logits[0], logits[1])
@@ -56,8 +63,24 @@ def test_prefill_step_and_tree_step_match_bit_for_bit(runners, skinny):
     assert torch.equal(tree[0], tree[1])
     for la, lb in zip(caches[0].layers, caches[1].layers, strict=True):
         assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
-    for r in runners:
-        r.set_skinny_rows(0)
+
+
+def test_lean_logits_match_an_unfused_transformers_model(runners, hf_model):
+    """Against a separately loaded model whose weights were never fused (the fused rows must be
+    the right rows in the right order)."""
+    ids = torch.tensor([PROMPT[:40]])
+    expected = hf_model(input_ids=ids).logits[0].float()
+    got = runners[0].forward(runners[0].new_cache(), ids[0], torch.arange(40))
+    assert torch.equal(got, expected)
+
+
+def test_unsupported_models_take_the_transformers_forward(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    assert not supports(model)  # only CPU fp32 is checked bit for bit
+    model.config.model_type = "not-llama"
+    assert not supports(model)
 
 
 def test_batched_step_matches_bit_for_bit(runners):
