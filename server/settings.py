@@ -48,7 +48,8 @@ class Settings(BaseSettings):
     )
     lean_forward: bool = Field(
         True,
-        description="Llama-architecture models run a lean decoder forward (same logits, fewer operations); "
+        description="Llama-architecture models on the CPU in fp32 run a lean decoder forward (same logits, fewer "
+        "operations); "
         "off: the transformers forward",
     )
     shutdown_grace_s: float = Field(10.0, ge=0, description="on shutdown, running requests get this long to finish")
