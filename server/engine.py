@@ -4,9 +4,9 @@ One thread, and only one, runs torch work in a serving process. PyTorch's CPU ke
 OpenMP, and each thread that runs a parallel region gets its own pool of OpenMP workers; once
 two threads hold pools, there are more OpenMP threads than cores (2 + 2 on 2 cores) and libgomp
 throttles its workers' spin-waiting, so every small parallel region waits on a sleeping worker.
-Measured on the 2-core Xeon: a one-row SmolLM2 step takes 30 ms when one thread does all the
-torch work and 46-48 ms in every thread once a second thread has run any (`python
-bench/batch_step.py` shape, fp32). So `builder.build_engine` loads the model and measures its
+Measured on the 2-core Xeon (`python bench/threads.py`, fp32): a one-row SmolLM2 step takes
+29 ms when one thread does all the torch work and 46 ms in either thread while a second one that
+has run torch work is alive. So `builder.build_engine` loads the model and measures its
 costs on the engine's own thread, which then runs the loop, and other threads that need the
 model (a benchmark's reference runs) hand work to it with `Engine.call`.
 

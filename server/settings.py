@@ -48,9 +48,8 @@ class Settings(BaseSettings):
     )
     lean_forward: bool = Field(
         True,
-        description="Llama-architecture models on the CPU in fp32 run a lean decoder forward (same logits, fewer "
-        "operations); "
-        "off: the transformers forward",
+        description="Llama-architecture models on the CPU in fp32 run a lean decoder forward (same logits, "
+        "fewer operations); off: the transformers forward",
     )
     shutdown_grace_s: float = Field(10.0, ge=0, description="on shutdown, running requests get this long to finish")
     # lookahead

@@ -74,13 +74,21 @@ def test_lean_logits_match_an_unfused_transformers_model(runners, hf_model):
     assert torch.equal(got, expected)
 
 
-def test_unsupported_models_take_the_transformers_forward(model_dir):
+def test_unsupported_models_take_the_transformers_forward(model_dir, hf_model):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-    assert not supports(model)  # only CPU fp32 is checked bit for bit
-    model.config.model_type = "not-llama"
-    assert not supports(model)
+    assert ModelRunner(model, skinny_rows=0).lean is None  # only CPU fp32 is checked bit for bit
+    config = hf_model.config  # fp32, unfused: supported until one property changes
+    assert supports(hf_model)
+    for name, value in (("model_type", "not-llama"), ("mlp_bias", True), ("quantization_config", {"bits": 8})):
+        before = getattr(config, name, None)
+        setattr(config, name, value)
+        try:
+            assert not supports(hf_model), name
+        finally:
+            setattr(config, name, before)
+    assert supports(hf_model)
 
 
 def test_batched_step_matches_bit_for_bit(runners):
