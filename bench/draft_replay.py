@@ -18,6 +18,14 @@ for the adaptive budget and for fixed tree sizes (`--fixed`, every step drafting
 regardless of cost), cold (prompt trie only) and warm (the other prompts' outputs of the same
 workload in the shared store, as bench/decoding.py's ts_warm). Real speedups also pay prefill,
 drafting and the engine's per-step work; bench/decoding.py measures those.
+
+`--oracle` adds an upper bound for any drafter that copies from the context: at every step an
+oracle that knows the continuation picks, among all positions of the context (prompt and output
+so far) that follow an occurrence of the last token, the one whose text agrees with the
+continuation longest, and drafts exactly that chain (at most `--branch-length` tokens, no
+wasted rows): tokens per step, and the modelled speedup with each step priced at its chain's
+rows on the run's ladder. A trie drafter matching context suffixes cannot accept more per step
+than this chain without drafting deeper; with larger trees it can only approach it.
 """
 
 from __future__ import annotations
@@ -48,6 +56,35 @@ def accepted_length(tree, truth: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def oracle_chain(context: list[int], truth: list[int]) -> int:
+    """Longest prefix of `truth` that the context holds right after an occurrence of its last
+    token (the best single chain a context-copying drafter could propose)."""
+    last, n, best = context[-1], len(context), 0
+    for start in range(1, n):
+        if context[start - 1] != last:
+            continue
+        length = 0
+        while length < len(truth) and start + length < n and context[start + length] == truth[length]:
+            length += 1
+        best = max(best, length)
+    return best
+
+
+def replay_oracle(prompts, outputs, cost, depth: int) -> tuple[int, int, float]:
+    """(decoded tokens, decode steps, modelled seconds) of the oracle chain (module docstring)."""
+    tokens = steps = 0
+    seconds = 0.0
+    for ids, out in zip(prompts, outputs, strict=True):
+        done = 1  # the first token comes from prefill
+        while done < len(out):
+            n = oracle_chain(list(ids) + out[:done], out[done : done + depth]) + 1
+            seconds += cost(n)
+            done += n
+            steps += 1
+        tokens += len(out) - 1
+    return tokens, steps, seconds
 
 
 def ladder(text: str) -> StepCost:
@@ -93,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="a bench/decoding.py --output-json file with hf_greedy runs")
     ap.add_argument("--fixed", default="1,2,4,8,16", help="fixed tree sizes to compare (comma-separated)")
+    ap.add_argument("--oracle", action="store_true", help="add the oracle chain's bound (module docstring)")
+    ap.add_argument("--branch-length", type=int, default=Settings().branch_length, help="the oracle's depth cap")
     args = ap.parse_args(argv)
     data = json.loads(args.run.read_text())
     settings = Settings()
@@ -103,8 +142,9 @@ def main(argv: list[str] | None = None) -> None:
         (f"fixed {k}", int(k)) for k in args.fixed.split(",") if k
     ]
     print(f"replay of `{data['command']}`\ncost ladder (ms): {data['cost_ms'][0]}\n")
-    print("| workload | trie | " + " | ".join(name for name, _ in arms) + " |")
-    print("|---|---|" + "---|" * len(arms))
+    header = [name for name, _ in arms] + ([f"oracle chain (depth {args.branch_length})"] if args.oracle else [])
+    print("| workload | trie | " + " | ".join(header) + " |")
+    print("|---|---|" + "---|" * len(header))
     for workload, prompts in data["prompts"].items():
         ids = [encode_chat(tokenizer, p["messages"]) for p in prompts]
         outputs = [greedy[(workload, i)] for i in range(len(prompts))]
@@ -112,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
             cells = []
             for _, fixed in arms:
                 tokens, steps, seconds = replay_workload(ids, outputs, cost, settings, fixed, warm)
+                cells.append(f"{tokens / steps:.2f} tok/step, {tokens * cost(1) / seconds:.2f}x")
+            if args.oracle:  # the context is the same warm or cold: the bound copies from it alone
+                tokens, steps, seconds = replay_oracle(ids, outputs, cost, args.branch_length)
                 cells.append(f"{tokens / steps:.2f} tok/step, {tokens * cost(1) / seconds:.2f}x")
             print(f"| {workload} | {'warm' if warm else 'cold'} | " + " | ".join(cells) + " |", flush=True)
 
