@@ -93,19 +93,20 @@ def _ranked_children(p: TrieNode | None, o: TrieNode | None, k: int) -> tuple[li
 
 def _matches(
     context: list[int], prompt: PromptTrie | None, output: OutputStore | None
-) -> list[tuple[TrieNode | None, TrieNode | None]]:
-    """Trie nodes of every context suffix that has continuations in either trie, longest first."""
+) -> list[tuple[int, TrieNode | None, TrieNode | None]]:
+    """(suffix length, prompt node, output node) of every context suffix that has continuations
+    in either trie, longest first."""
     out = []
     for k in range(len(context), 0, -1):
         suffix = context[-k:]
         p = prompt.find(suffix) if prompt is not None else None
         o = output.find(suffix) if output is not None else None
         if (p is not None and p.children) or (o is not None and o.children):
-            out.append((p, o))
+            out.append((k, p, o))
     return out
 
 
-def _best_first(matches: list[tuple[TrieNode | None, TrieNode | None]], budget: int, depth_cap: int) -> DraftTree:
+def _best_first(matches: list[tuple[int, TrieNode | None, TrieNode | None]], budget: int, depth_cap: int) -> DraftTree:
     """Grow the tree by highest estimated path probability. Nodes come out in pop order, so a
     parent precedes its children and probabilities never increase along a path.
 
@@ -115,23 +116,24 @@ def _best_first(matches: list[tuple[TrieNode | None, TrieNode | None]], budget: 
     tokens: list[int] = []
     parents: list[int] = []
     probs: list[float] = []
+    matched: list[int] = []
     heap: list = []
     seq = itertools.count()  # tie-break: earlier push first, so siblings keep rank order
 
-    def push_children(p: TrieNode | None, o: TrieNode | None, parent: int, prob: float, depth: int) -> None:
+    def push_children(p: TrieNode | None, o: TrieNode | None, parent: int, prob: float, depth: int, k: int) -> None:
         room = budget - len(tokens)  # never need more children than nodes still to place
         if room <= 0:
             return
         items, total = _ranked_children(p, o, room)
         for w, tok, pc, oc in items:
             # min(): prob * w / total may round above prob; a child must not outrank its parent
-            heapq.heappush(heap, (-min(prob, prob * w / total), next(seq), tok, parent, pc, oc, depth))
+            heapq.heappush(heap, (-min(prob, prob * w / total), next(seq), tok, parent, pc, oc, depth, k))
 
-    p, o = matches[0]
-    push_children(p, o, -1, 1.0, 1)
+    k, p, o = matches[0]
+    push_children(p, o, -1, 1.0, 1, k)
     first = {entry[2] for entry in heap}
     share = 1.0
-    for p, o in matches[1:]:
+    for k, p, o in matches[1:]:
         share *= SHORTER_MATCH_SHARE
         if share <= 0 or len(first) >= budget:
             break
@@ -139,19 +141,20 @@ def _best_first(matches: list[tuple[TrieNode | None, TrieNode | None]], budget: 
         for w, tok, pc, oc in items:
             if tok not in first:
                 first.add(tok)
-                heapq.heappush(heap, (-share * w / total, next(seq), tok, -1, pc, oc, 1))
+                heapq.heappush(heap, (-share * w / total, next(seq), tok, -1, pc, oc, 1, k))
     while heap and len(tokens) < budget:
-        neg, _, tok, parent, pc, oc, depth = heapq.heappop(heap)
+        neg, _, tok, parent, pc, oc, depth, k = heapq.heappop(heap)
         parents.append(parent)
         tokens.append(tok)
         probs.append(-neg)
+        matched.append(k)
         if depth < depth_cap:
-            push_children(pc, oc, len(tokens) - 1, -neg, depth + 1)
-    return DraftTree(tokens=tokens, parents=parents, probs=probs)
+            push_children(pc, oc, len(tokens) - 1, -neg, depth + 1, k)
+    return DraftTree(tokens=tokens, parents=parents, probs=probs, matched=matched)
 
 
-def _single(p: TrieNode | None, o: TrieNode | None, length: int) -> DraftTree:
-    """The chain that takes the heaviest child at every step."""
+def _single(k: int, p: TrieNode | None, o: TrieNode | None, length: int) -> DraftTree:
+    """The chain that takes the heaviest child at every step (retrieved on k context tokens)."""
     tokens: list[int] = []
     probs: list[float] = []
     prob = 1.0
@@ -163,7 +166,7 @@ def _single(p: TrieNode | None, o: TrieNode | None, length: int) -> DraftTree:
         prob *= w / total
         tokens.append(tok)
         probs.append(prob)
-    return DraftTree(tokens=tokens, parents=list(range(-1, len(tokens) - 1)), probs=probs)
+    return DraftTree(tokens=tokens, parents=list(range(-1, len(tokens) - 1)), probs=probs, matched=[k] * len(tokens))
 
 
 def _chains(tree: DraftTree, budget: int) -> DraftTree:
@@ -176,15 +179,18 @@ def _chains(tree: DraftTree, budget: int) -> DraftTree:
     tokens: list[int] = []
     parents: list[int] = []
     out_probs: list[float] = []
+    kept: list[int] = []
     for leaf in leaves:
         path = tree.path(leaf)[: budget - len(tokens)]
         for d, i in enumerate(path):
             parents.append(-1 if d == 0 else len(tokens) - 1)
             tokens.append(tree.tokens[i])
             out_probs.append(probs[i])
+            kept.append(i)
         if len(tokens) >= budget:
             break
-    return DraftTree(tokens=tokens, parents=parents, probs=out_probs)
+    matched = None if tree.matched is None else [tree.matched[i] for i in kept]
+    return DraftTree(tokens=tokens, parents=parents, probs=out_probs, matched=matched)
 
 
 def draft(

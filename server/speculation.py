@@ -181,6 +181,11 @@ def _monotone(seconds: list[float]) -> list[float]:
 # Buckets of the drafter's path probability (from trie counts) and of depth, for NodeCalibration.
 PROB_EDGES = (0.03, 0.07, 0.15, 0.25, 0.4, 0.55, 0.7, 0.85, 0.97)
 DEPTH_EDGES = (2, 3, 4, 5, 7, 10)  # depth buckets 1, 2, 3, 4, 5-6, 7-9, 10+
+# match buckets: unknown (0), one context token, 2-3, 4+ (DraftTree.matched). At the same
+# estimate a branch found on four tokens lands far more often than one found on one (replaying
+# bench/decoding.py's greedy outputs: 0.79-0.93 against 0.12-0.42 for a best depth-1 node with
+# an estimate of 0.5 or more, RAG-QA and code editing; docs/benchmarks.md, decoding section)
+MATCH_EDGES = (1, 2, 4)
 
 
 class NodeCalibration:
@@ -200,26 +205,38 @@ class NodeCalibration:
     def __init__(self, alpha: float = 0.1, fallback: NodeCalibration | None = None) -> None:
         self.alpha = alpha
         self.fallback = fallback
-        self.rates: dict[tuple[int, int], float] = {}
+        self.rates: dict[tuple[int, int, int], float] = {}  # (depth, estimate, match) buckets
+        self.coarse: dict[tuple[int, int], float] = {}  # (depth, estimate): any match length
         self.version = 0  # bumped by every update (best_by_depth's cache key)
         self._best: tuple[tuple, list[float]] | None = None
 
     @staticmethod
-    def cell(prob: float, depth: int) -> tuple[int, int]:
-        return bisect.bisect_right(DEPTH_EDGES, depth), bisect.bisect_right(PROB_EDGES, prob)
+    def cell(prob: float, depth: int, matched: int = 0) -> tuple[int, int, int]:
+        return (
+            bisect.bisect_right(DEPTH_EDGES, depth),
+            bisect.bisect_right(PROB_EDGES, prob),
+            bisect.bisect_right(MATCH_EDGES, matched),
+        )
 
-    def rate(self, prob: float, depth: int) -> float:
-        key = self.cell(prob, depth)
+    def rate(self, prob: float, depth: int, matched: int = 0) -> float:
+        """The learned rate of the node's cell; a cell not seen yet backs off to the server-wide
+        rates, then to this calibration's rate for any match length, then to the estimate."""
+        key = self.cell(prob, depth, matched)
         if key in self.rates:
             return self.rates[key]
-        return self.fallback.rate(prob, depth) if self.fallback is not None else prob
+        if self.fallback is not None:
+            return self.fallback.rate(prob, depth, matched)
+        return self.coarse.get(key[:2], prob)
 
-    def observe(self, prob: float, depth: int, hit: bool) -> None:
-        key = self.cell(prob, depth)
+    def observe(self, prob: float, depth: int, hit: bool, matched: int = 0) -> None:
+        key = self.cell(prob, depth, matched)
         old = self.rates.get(key)
         if old is None:
-            old = self.fallback.rate(prob, depth) if self.fallback is not None else prob
+            old = self.rate(prob, depth, matched)
         self.rates[key] = old + self.alpha * (float(hit) - old)
+        if self.fallback is None:  # only read where there is no fallback (see rate)
+            old = self.coarse.get(key[:2], prob)
+            self.coarse[key[:2]] = old + self.alpha * (float(hit) - old)
         self.version += 1
 
     def observe_tree(
@@ -234,6 +251,7 @@ class NodeCalibration:
         if tree.probs is None:
             return True
         done = done if done is not None else [False] * len(tree)
+        matched = tree.matched if tree.matched is not None else [0] * len(tree)
         state: list[bool | None] = []  # per node: hit, miss, or None (not decided yet)
         for i, (tok, par, d) in enumerate(zip(tree.tokens, tree.parents, tree.depths(), strict=True)):
             up = True if par < 0 else state[par]
@@ -245,9 +263,9 @@ class NodeCalibration:
                 state.append(tok == truth[d - 1])
             if state[i] is not None and not done[i]:
                 done[i] = True
-                self.observe(tree.probs[i], d, state[i])
+                self.observe(tree.probs[i], d, state[i], matched[i])
                 if also is not None:
-                    also.observe(tree.probs[i], d, state[i])
+                    also.observe(tree.probs[i], d, state[i], matched[i])
         return all(done)
 
     def calibrated(self, tree: DraftTree) -> DraftTree:
@@ -256,11 +274,12 @@ class NodeCalibration:
         if tree.probs is None or not len(tree):
             return tree
         depths = tree.depths()
+        matched = tree.matched if tree.matched is not None else [0] * len(tree)
         probs: list[float] = []
         for i, par in enumerate(tree.parents):
-            p = self.rate(tree.probs[i], depths[i])
+            p = self.rate(tree.probs[i], depths[i], matched[i])
             probs.append(min(p, probs[par]) if par >= 0 else p)
-        return DraftTree(tree.tokens, tree.parents, probs)
+        return DraftTree(tree.tokens, tree.parents, probs, tree.matched)
 
     def best_by_depth(self, depths: int) -> list[float]:
         """The highest rate any node at each depth 1..depths could get: an upper bound for
@@ -269,7 +288,8 @@ class NodeCalibration:
         if self._best is None or self._best[0] != key:  # asked every step: computed on change only
             # each bucket at its top: a cell not learned yet rates a node at its own estimate
             probs = (*(edge - 1e-9 for edge in PROB_EDGES), 1.0)
-            self._best = key, [max(self.rate(p, d) for p in probs) for d in range(1, depths + 1)]
+            matches = (0, *MATCH_EDGES)  # one length in each match bucket
+            self._best = key, [max(self.rate(p, d, m) for p in probs for m in matches) for d in range(1, depths + 1)]
         return self._best[1]
 
 

@@ -74,6 +74,15 @@ def test_longest_suffix_wins_and_falls_back_when_it_has_no_continuation():
     tree = draft([5, 6], 4, DraftConfig(branch_length=1), trie, None)
     assert tree.tokens == [7, 8] and tree.parents == [-1, -1]
     assert tree.probs == pytest.approx([1.0, 0.5 * 3 / 4])  # "6" -> 8 three times in four, at half weight
+    # each branch records how many context tokens it was found on, in every mode and cut
+    assert tree.matched == [2, 1]
+    deep = draft([5, 6], 8, DraftConfig(branch_length=3), trie, None)
+    assert deep.matched == [2 if deep.path(i)[0] == deep.tokens.index(7) else 1 for i in range(len(deep))]
+    assert draft([5, 6], 3, DraftConfig(mode="single"), trie, None).matched == [2, 2, 2]
+    chains = draft([5, 6], 8, DraftConfig(mode="parallel", branch_length=2), trie, None)
+    assert len(chains.matched) == len(chains) and chains.matched[0] == 2 and 1 in chains.matched
+    top = deep.top(2)
+    assert top.matched == [deep.matched[deep.tokens.index(t)] for t in top.tokens]
 
 
 def test_prompt_counts_rank_first_and_output_counts_break_ties():

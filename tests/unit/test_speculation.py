@@ -135,6 +135,32 @@ def test_calibrated_trees_rank_by_learned_rates_and_keep_whole_paths():
     assert cal.best_by_depth(3)[2] == 0.0
 
 
+def test_calibration_keys_on_the_match_length_and_backs_off_when_a_cell_is_new():
+    from trieserve.decoding.tree import DraftTree
+    from trieserve.server.speculation import NodeCalibration
+
+    prior = NodeCalibration(alpha=1.0)
+    prior.observe(0.9, 1, hit=False, matched=1)  # found on one token: missed
+    prior.observe(0.9, 1, hit=True, matched=4)  # found on four: landed
+    assert prior.rate(0.9, 1, matched=1) == 0.0 and prior.rate(0.9, 1, matched=5) == 1.0
+    # a match length not seen at this estimate takes the rate of any match length there (the
+    # last outcome, with alpha 1), and an estimate never seen is its own rate
+    assert prior.rate(0.9, 1, matched=2) == 1.0
+    assert prior.rate(0.3, 1, matched=2) == 0.3
+    # a sequence's calibration backs off to the server-wide one, cell by cell
+    seq = NodeCalibration(alpha=1.0, fallback=prior)
+    seq.observe(0.9, 1, hit=True, matched=1)
+    assert seq.rate(0.9, 1, matched=1) == 1.0 and prior.rate(0.9, 1, matched=1) == 0.0
+    tree = DraftTree(tokens=[1, 2], parents=[-1, -1], probs=[0.9, 0.9], matched=[4, 1])
+    assert prior.calibrated(tree).probs == [1.0, 0.0] and prior.calibrated(tree).matched == [4, 1]
+    # scoring a tree learns each node under its own match length
+    fresh = NodeCalibration(alpha=1.0)
+    assert fresh.observe_tree(tree, [2])
+    assert fresh.rate(0.9, 1, matched=4) == 0.0 and fresh.rate(0.9, 1, matched=1) == 1.0
+    with pytest.raises(ValueError, match="match lengths"):
+        DraftTree(tokens=[1], parents=[-1], probs=[1.0], matched=[1, 2]).validate()
+
+
 def test_no_trie_search_when_no_draft_could_pay_for_the_batch():
     """Eight sequences whose drafts have kept failing, on a CPU where padding the batch to two
     rows per sequence costs 1.4x: even perfect trees would lose, so the step drafts nothing,
@@ -164,7 +190,8 @@ def test_no_trie_search_when_no_draft_could_pay_for_the_batch():
         cal = seq.state["lookahead"].calibration
         for depth in range(1, config.branch_length + 1):
             for p in (0.0, 0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0):
-                cal.rates[cal.cell(p, depth)] = 0.1
+                for matched in (0, 1, 2, 4):  # every match-length bucket
+                    cal.rates[cal.cell(p, depth, matched)] = 0.1
         cal.version += 1  # rates written directly: best_by_depth must see them
     assert [len(t) for t in spec.plan(None, batch)] == [0] * 8
     assert searched == []
