@@ -183,7 +183,7 @@ PROB_EDGES = (0.03, 0.07, 0.15, 0.25, 0.4, 0.55, 0.7, 0.85, 0.97)
 DEPTH_EDGES = (2, 3, 4, 5, 7, 10)  # depth buckets 1, 2, 3, 4, 5-6, 7-9, 10+
 # match buckets: unknown (0), one context token, 2-3, 4+ (DraftTree.matched). At the same
 # estimate a branch found on four tokens lands far more often than one found on one (replaying
-# bench/decoding.py's greedy outputs: 0.79-0.93 against 0.12-0.42 for a best depth-1 node with
+# bench/decoding.py's greedy outputs: 0.79-1.0 against 0.17-0.42 for a best depth-1 node with
 # an estimate of 0.5 or more, RAG-QA and code editing; docs/benchmarks.md, decoding section)
 MATCH_EDGES = (1, 2, 4)
 
