@@ -13,13 +13,17 @@ Tasks, all on real text that ships with Python (`pydoc_data.topics`, the languag
   i.e. greedy decoding would emit the whole key (exact match, reported beside the loss).
 - kv: four "<name>'s locker number is NNNN." lines spread through a ~1k-token document; asked
   for one of them. Scored the same way.
+- qa: a question about a ~1k-token section of the language reference, answered from it: the
+  prompt ends with the answer's first words, the document's own wording of the answer is
+  teacher-forced, scored the same way (QUESTIONS: nine questions over three sections, answers
+  early, in the middle and late in the text).
 - top1 / greedy / kl (fidelity): a document's first ~1k tokens, then its true next 32 tokens
   teacher-forced: top1 = share of positions whose argmax equals the full cache's; kl = mean
   KL(full || evicted) in nats (reported, not in the loss); greedy = length of the prefix of the
   full cache's own 24-token greedy continuation that the evicted cache reproduces, / 24.
 
 Quality loss = 1 - score / full-cache score per task; "overall" is the mean over passkey, kv,
-top1 and greedy. KV kept = real cached entries after prefill / prompt rows (window included);
+qa, top1 and greedy. KV kept = real cached entries after prefill / prompt rows (window included);
 KV memory = rows the cache holds / prompt rows, which under per-head budgets (adakv, defensive,
 layer_defensive) includes the padding of heads that keep fewer rows than their layer's largest.
 
@@ -51,7 +55,39 @@ from trieserve.server.runner import ModelRunner
 from trieserve.server.settings import Settings
 
 POLICIES = ("streaming", "snapkv", "adakv", "defensive", "layer_defensive")
-TASKS = ("passkey", "kv", "top1", "greedy")
+TASKS = ("passkey", "kv", "qa", "top1", "greedy")
+# (section, question, the answer's first words, the rest of the answer as the section words it)
+QUESTIONS = (
+    ("execmodel", "What is a code block executed in?", "A code block is executed in an", "*execution frame*."),
+    ("execmodel", "How are names introduced?", "Names are introduced by", "name binding operations."),
+    (
+        "execmodel",
+        "What exception is raised when a name is not found at all?",
+        "When a name is not found at all, a",
+        '"NameError" exception is raised.',
+    ),
+    ("types", "What is the truth value of None?", "The truth value of None is", "false."),
+    (
+        "types",
+        "What will evaluating NotImplemented in a boolean context raise in a future version of Python?",
+        "In a future version of Python it will raise a",
+        '"TypeError".',
+    ),
+    ("types", "Through which literal is the Ellipsis object accessed?", "It is accessed through the literal", '"..."'),
+    ("compound", "What is a suite?", "A suite is", "a group of statements controlled by a clause."),
+    (
+        "compound",
+        'What is the "while" statement used for?',
+        'The "while" statement is used for',
+        "repeated execution as long as an expression is true.",
+    ),
+    (
+        "compound",
+        'What does a "continue" statement executed in the first suite of a "while" loop do?',
+        "It",
+        "skips the rest of the suite and goes back to testing the expression.",
+    ),
+)
 DOCS = ("compound", "types", "specialnames", "formatstrings", "typesseq", "execmodel", "datamodel")
 NAMES = (
     "Alice",
@@ -72,7 +108,7 @@ CONT, GREEDY = 32, 24
 
 @dataclass
 class Sample:
-    task: str  # passkey | kv | fidelity
+    task: str  # passkey | kv | qa | fidelity
     ids: list[int]
     answer: list[int] = field(default_factory=list)  # retrieval: the tokens greedy must emit
     cont: list[int] = field(default_factory=list)  # fidelity: the document's true next tokens
@@ -114,6 +150,11 @@ def make_samples(tok, args, rng: random.Random) -> list[Sample]:
         text = "A document with locker numbers hidden in it. Remember every locker number.\n\n" + body
         text += f"\n\nQuestion: What is {target}'s locker number?\nAnswer: {target}'s locker number is"
         samples.append(Sample("kv", tok.encode(text), answer=tok.encode(f" {values[target]}")))
+    for i in range(args.qa):
+        section, question, stem, answer = QUESTIONS[i % len(QUESTIONS)]
+        body = tok.decode(doc_tokens(tok, section)[: args.length])
+        text = f"Read the document, then answer the question.\n\n{body}\n\nQuestion: {question}\nAnswer: {stem}"
+        samples.append(Sample("qa", tok.encode(text), answer=tok.encode(f" {answer}")))
     for i in range(args.fidelity):
         doc = doc_tokens(tok, DOCS[(i + 1) % len(DOCS)])
         start = min(200 * i, max(len(doc) - args.length - CONT, 0))
@@ -132,7 +173,7 @@ def continue_with(runner, cache, tokens: list[int], pos: int) -> torch.Tensor:
 def score(runner, cache, sample: Sample, last: torch.Tensor, ref: dict) -> dict[str, float]:
     """Task metrics of one (possibly evicted) cache; `last` = logits after the prompt."""
     n = len(sample.ids)
-    if sample.task in ("passkey", "kv"):
+    if sample.task in ("passkey", "kv", "qa"):
         rest = continue_with(runner, cache, sample.answer[:-1], n) if len(sample.answer) > 1 else last[:0]
         preds = torch.cat([last[None], rest]).argmax(-1).tolist()
         hits = [p == a for p, a in zip(preds, sample.answer, strict=True)]
@@ -229,7 +270,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         groups.setdefault((r["mode"], r["policy"], r["budget"]), []).append(r)
     full = groups[("one-shot", "full", 1.0)]
     base = {t: statistics.mean(r[t] for r in full if t in r) for t in (*TASKS, "kl") if any(t in r for r in full)}
-    extra = ("kl", "passkey_em", "kv_em")
+    extra = ("kl", "passkey_em", "kv_em", "qa_em")
     out = []
     for (mode, policy, budget), rs in groups.items():
         s = {"mode": mode, "policy": policy, "budget": budget, "kept": statistics.mean(r["kept"] for r in rs)}
@@ -294,8 +335,8 @@ def _interval(values: list[float]) -> tuple[float, float]:
 
 def markdown(summary: list[dict]) -> str:
     head = (
-        "| mode | policy | budget | KV kept | KV memory | peak KV | passkey | kv | top1 | greedy | KL | exact match passkey / kv "
-        "| loss passkey / kv / top1 / greedy | overall loss |"
+        "| mode | policy | budget | KV kept | KV memory | peak KV | passkey | kv | qa | top1 | greedy | KL "
+        "| exact match passkey / kv / qa | loss passkey / kv / qa / top1 / greedy | overall loss |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for s in summary:
@@ -305,7 +346,7 @@ def markdown(summary: list[dict]) -> str:
             pct(s["memory"]), pct(s["peak"]) if "peak" in s else "",
             *(f"{s[t]:.2f}" if t in s else "" for t in TASKS),
             f"{s['kl']:.3f}" if "kl" in s else "",
-            " / ".join(f"{s[t]:.2f}" if t in s else "-" for t in ("passkey_em", "kv_em")),
+            " / ".join(f"{s[t]:.2f}" if t in s else "-" for t in ("passkey_em", "kv_em", "qa_em")),
             " / ".join(pct(s[f"loss_{t}"]) if f"loss_{t}" in s else "-" for t in TASKS),
             pct(s["loss"]),
         ]  # fmt: skip
@@ -321,6 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--passkey", type=int, default=9, help="pass-key samples (depths cycle 10/50/90%%)")
     ap.add_argument("--kv", type=int, default=9, help="key-value retrieval samples")
+    ap.add_argument("--qa", type=int, default=9, help="document question samples (QUESTIONS, cycled)")
     ap.add_argument("--fidelity", type=int, default=6, help="document-continuation samples")
     ap.add_argument("--length", type=int, default=1000, help="document tokens per prompt")
     ap.add_argument("--window", type=int, default=32)
@@ -358,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tok = load_model(resolve_model_path(settings.model, settings.cache_dir), "float32", "cpu")
     runner = ModelRunner(model, prefill_chunk=args.chunk)
     samples = make_samples(tok, args, random.Random(args.seed))
-    rows, chunked_left = [], {t: args.chunked_samples for t in ("passkey", "kv", "fidelity")}
+    rows, chunked_left = [], {t: args.chunked_samples for t in ("passkey", "kv", "qa", "fidelity")}
     for i, sample in enumerate(samples):
         t0 = time.time()
         one_shot, ref = run_one_shot(runner, sample, args.budgets, args.window, policies)
@@ -374,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown(summary))
     if args.bootstrap:
         print("\n" + bootstrap(rows, args.bootstrap, args.seed))
-    print(f"\n{len(samples)} samples ({', '.join(f'{t}: {sum(s.task == t for s in samples)}' for t in ('passkey', 'kv', 'fidelity'))}), "
+    print(f"\n{len(samples)} samples ({', '.join(f'{t}: {sum(s.task == t for s in samples)}' for t in ('passkey', 'kv', 'qa', 'fidelity'))}), "
           f"prompts {min(len(s.ids) for s in samples)}-{max(len(s.ids) for s in samples)} tokens, "
           f"window {args.window}, chunk {args.chunk}, {time.time() - started:.0f}s, torch threads {torch.get_num_threads()}")  # fmt: skip
     if args.json:
