@@ -25,7 +25,14 @@ so far) that follow an occurrence of the last token, the one whose text agrees w
 continuation longest, and drafts exactly that chain (at most `--branch-length` tokens, no
 wasted rows): tokens per step, and the modelled speedup with each step priced at its chain's
 rows on the run's ladder. A trie drafter matching context suffixes cannot accept more per step
-than this chain without drafting deeper; with larger trees it can only approach it.
+than this chain without drafting deeper; with larger trees it can only approach it. It is a bound
+for cold tries only (a warm store holds other prompts' outputs, which the oracle does not see), so
+it is printed on the cold rows; its speedup is a bound where a step of n rows costs no less per
+row than a longer one (cost(n) / n non-increasing, as on every measured ladder).
+
+`--by-match` adds a table of how often the best depth-1 node of a 64-node tree (cold trie) is the
+continuation, by how many context tokens its branch was found on (`DraftTree.matched`) and by the
+drafter's estimate: the evidence for keying the budget's calibration on the match length.
 """
 
 from __future__ import annotations
@@ -79,7 +86,8 @@ def replay_oracle(prompts, outputs, cost, depth: int) -> tuple[int, int, float]:
     for ids, out in zip(prompts, outputs, strict=True):
         done = 1  # the first token comes from prefill
         while done < len(out):
-            n = oracle_chain(list(ids) + out[:done], out[done : done + depth]) + 1
+            # like the engine, draft no more than the tokens left after this step's bonus token
+            n = oracle_chain(list(ids) + out[:done], out[done : min(done + depth, len(out) - 1)]) + 1
             seconds += cost(n)
             done += n
             steps += 1
@@ -93,10 +101,11 @@ def ladder(text: str) -> StepCost:
 
 
 def replay_workload(
-    prompts, outputs, cost, settings: Settings, fixed: int | None, warm: bool
+    prompts, outputs, cost, settings: Settings, fixed: int | None, warm: bool, on_step=None
 ) -> tuple[int, int, float]:
     """(decoded tokens, decode steps, modelled seconds) over a workload's prompts, one Speculator throughout
-    (its server-wide calibration carries over from prompt to prompt, as in the engine)."""
+    (its server-wide calibration carries over from prompt to prompt, as in the engine).
+    `on_step(tree, truth)`, when given, sees every step's tree and the tokens that follow."""
     config = DraftConfig(settings.lookahead_mode, settings.max_match, settings.branch_length)
     length = settings.decoding_length if fixed is None else fixed
     spec = Speculator(OutputStore(ngram_len=config.ngram_len), config, length, cost, adaptive=fixed is None)
@@ -116,6 +125,8 @@ def replay_workload(
         spec.admit(seq)
         while len(seq.output_ids) < len(out):
             tree = spec.plan(None, [seq])[0]
+            if on_step is not None:
+                on_step(tree, out[len(seq.output_ids) :])
             n = accepted_length(tree, out[len(seq.output_ids) :]) + 1
             seq.output_ids += out[len(seq.output_ids) : len(seq.output_ids) + n]
             seq.logical_len += n
@@ -126,12 +137,34 @@ def replay_workload(
     return tokens, steps, seconds
 
 
+ESTIMATES = ((0.0, "< 0.5"), (0.5, "0.5-0.9"), (0.9, ">= 0.9"))
+
+
+def hits_by_match(prompts, outputs, cost, settings: Settings) -> dict[tuple[int, str], list[int]]:
+    """{(match length, estimate bucket): [hits, steps]} of the best depth-1 node, cold trie, fixed
+    64-node trees (module docstring)."""
+    table: dict[tuple[int, str], list[int]] = {}
+
+    def tally(tree, truth: list[int]) -> None:
+        if not len(tree) or tree.matched is None:
+            return
+        best = next(i for i in tree.ranked() if tree.parents[i] < 0)
+        bucket = [name for edge, name in ESTIMATES if tree.probs[best] >= edge][-1]
+        cell = table.setdefault((tree.matched[best], bucket), [0, 0])
+        cell[0] += tree.tokens[best] == truth[0]
+        cell[1] += 1
+
+    replay_workload(prompts, outputs, cost, settings, 64, False, on_step=tally)
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="a bench/decoding.py --output-json file with hf_greedy runs")
     ap.add_argument("--fixed", default="1,2,4,8,16", help="fixed tree sizes to compare (comma-separated)")
     ap.add_argument("--oracle", action="store_true", help="add the oracle chain's bound (module docstring)")
     ap.add_argument("--branch-length", type=int, default=Settings().branch_length, help="the oracle's depth cap")
+    ap.add_argument("--by-match", action="store_true", help="add the hit rates by match length (module docstring)")
     args = ap.parse_args(argv)
     data = json.loads(args.run.read_text())
     settings = Settings()
@@ -145,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     header = [name for name, _ in arms] + ([f"oracle chain (depth {args.branch_length})"] if args.oracle else [])
     print("| workload | trie | " + " | ".join(header) + " |")
     print("|---|---|" + "---|" * len(header))
+    by_match: dict[str, dict] = {}
     for workload, prompts in data["prompts"].items():
         ids = [encode_chat(tokenizer, p["messages"]) for p in prompts]
         outputs = [greedy[(workload, i)] for i in range(len(prompts))]
@@ -153,10 +187,25 @@ def main(argv: list[str] | None = None) -> None:
             for _, fixed in arms:
                 tokens, steps, seconds = replay_workload(ids, outputs, cost, settings, fixed, warm)
                 cells.append(f"{tokens / steps:.2f} tok/step, {tokens * cost(1) / seconds:.2f}x")
-            if args.oracle:  # the context is the same warm or cold: the bound copies from it alone
+            if args.oracle and warm:  # the store's other outputs are outside the oracle's context
+                cells.append("- (cold only)")
+            elif args.oracle:
                 tokens, steps, seconds = replay_oracle(ids, outputs, cost, args.branch_length)
                 cells.append(f"{tokens / steps:.2f} tok/step, {tokens * cost(1) / seconds:.2f}x")
             print(f"| {workload} | {'warm' if warm else 'cold'} | " + " | ".join(cells) + " |", flush=True)
+        if args.by_match:
+            by_match[workload] = hits_by_match(ids, outputs, cost, settings)
+    if args.by_match:
+        print("\nbest depth-1 node of a 64-node tree (cold): continuation hit rate (hits / steps)\n")
+        print("| workload | matched on | " + " | ".join(f"estimate {name}" for _, name in ESTIMATES) + " |")
+        print("|---|---|" + "---|" * len(ESTIMATES))
+        for workload, table in by_match.items():
+            for k in sorted({k for k, _ in table}):
+                cells = []
+                for _, name in ESTIMATES:
+                    hits, n = table.get((k, name), (0, 0))
+                    cells.append(f"{hits / n:.2f} ({hits}/{n})" if n else "-")
+                print(f"| {workload} | {k} token{'s' if k > 1 else ''} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

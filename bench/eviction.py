@@ -2,7 +2,7 @@
 
     python bench/eviction.py                       # defaults: budgets 10/20/40%, ~10-15 min on 2 CPU cores
     python bench/eviction.py --threads 1 --json results.json
-    python bench/eviction.py --passkey 2 --kv 2 --fidelity 1 --chunked-samples 1   # a smoke run
+    python bench/eviction.py --passkey 2 --kv 2 --qa 2 --fidelity 1 --chunked-samples 1   # a smoke run
     python bench/eviction.py --from-json results.json --bootstrap 2000   # intervals of a saved run
 
 Tasks, all on real text that ships with Python (`pydoc_data.topics`, the language reference):
@@ -14,9 +14,9 @@ Tasks, all on real text that ships with Python (`pydoc_data.topics`, the languag
 - kv: four "<name>'s locker number is NNNN." lines spread through a ~1k-token document; asked
   for one of them. Scored the same way.
 - qa: a question about a ~1k-token section of the language reference, answered from it: the
-  prompt ends with the answer's first words, the document's own wording of the answer is
-  teacher-forced, scored the same way (QUESTIONS: nine questions over three sections, answers
-  early, in the middle and late in the text).
+  prompt ends with the answer's first words, the section's own wording of the rest (line breaks
+  included) is teacher-forced, scored the same way (QUESTIONS: nine questions over three
+  sections, answers from 20 % to 79 % of the way through them).
 - top1 / greedy / kl (fidelity): a document's first ~1k tokens, then its true next 32 tokens
   teacher-forced: top1 = share of positions whose argmax equals the full cache's; kl = mean
   KL(full || evicted) in nats (reported, not in the loss); greedy = length of the prefix of the
@@ -41,6 +41,7 @@ import copy
 import json
 import pydoc_data.topics
 import random
+import re
 import statistics
 import sys
 import time
@@ -56,36 +57,42 @@ from trieserve.server.settings import Settings
 
 POLICIES = ("streaming", "snapkv", "adakv", "defensive", "layer_defensive")
 TASKS = ("passkey", "kv", "qa", "top1", "greedy")
-# (section, question, the answer's first words, the rest of the answer as the section words it)
+# (section, question, the answer's first words, the rest of the answer: found in the section's
+# text whitespace-insensitively and teacher-forced as the section words it)
 QUESTIONS = (
     ("execmodel", "What is a code block executed in?", "A code block is executed in an", "*execution frame*."),
-    ("execmodel", "How are names introduced?", "Names are introduced by", "name binding operations."),
     (
         "execmodel",
-        "What exception is raised when a name is not found at all?",
-        "When a name is not found at all, a",
-        '"NameError" exception is raised.',
+        "What is a variable called that is used in a code block but not defined there?",
+        "It is a",
+        "*free variable*.",
     ),
-    ("types", "What is the truth value of None?", "The truth value of None is", "false."),
+    (
+        "execmodel",
+        "What happens when a name is not found at all?",
+        "When a name is not found at all,",
+        'a "NameError" exception is raised.',
+    ),
     (
         "types",
         "What will evaluating NotImplemented in a boolean context raise in a future version of Python?",
-        "In a future version of Python it will raise a",
-        '"TypeError".',
+        "It will raise a",
+        '"TypeError"',
     ),
-    ("types", "Through which literal is the Ellipsis object accessed?", "It is accessed through the literal", '"..."'),
+    ("types", "How is the Ellipsis object accessed?", "It is accessed through the literal", '"..."'),
+    (
+        "types",
+        "How are negative integers represented for shift and mask operations?",
+        "They are represented in",
+        "a variant of 2’s complement",
+    ),
     ("compound", "What is a suite?", "A suite is", "a group of statements controlled by a clause."),
+    ("compound", 'What is the "if" statement used for?', 'The "if" statement is used for', "conditional execution"),
     (
         "compound",
         'What is the "while" statement used for?',
         'The "while" statement is used for',
-        "repeated execution as long as an expression is true.",
-    ),
-    (
-        "compound",
-        'What does a "continue" statement executed in the first suite of a "while" loop do?',
-        "It",
-        "skips the rest of the suite and goes back to testing the expression.",
+        "repeated execution as long as an expression is true",
     ),
 )
 DOCS = ("compound", "types", "specialnames", "formatstrings", "typesseq", "execmodel", "datamodel")
@@ -153,6 +160,10 @@ def make_samples(tok, args, rng: random.Random) -> list[Sample]:
     for i in range(args.qa):
         section, question, stem, answer = QUESTIONS[i % len(QUESTIONS)]
         body = tok.decode(doc_tokens(tok, section)[: args.length])
+        found = re.search(r"\s+".join(map(re.escape, answer.split())), body)
+        if found is None:
+            raise ValueError(f"the answer {answer!r} is not in the first {args.length} tokens of {section!r}")
+        answer = body[found.start() : found.end()]  # the section's own words, line breaks included
         text = f"Read the document, then answer the question.\n\n{body}\n\nQuestion: {question}\nAnswer: {stem}"
         samples.append(Sample("qa", tok.encode(text), answer=tok.encode(f" {answer}")))
     for i in range(args.fidelity):

@@ -6,8 +6,8 @@ token, and keep only those rows in the cache.
 
 The budget needs two estimates. Cost: seconds of a forward with n rows, measured at start-up
 for a ladder of sizes and refined online from every step. Gain: for each draft node, how often
-a node like it (the same depth, a similar path probability from the trie counts) has really
-been the model's continuation (`NodeCalibration`). Counts are overconfident in a
+a node like it (the same depth, a similar path probability from the trie counts, a branch
+found on as many context tokens) has really been the model's continuation (`NodeCalibration`). Counts are overconfident in a
 depth-dependent way (a continuation seen once in the prompt is "certain" at every depth, yet a
 paraphrasing model leaves it at the first token far more often than midway through a copy) and
 underconfident elsewhere (a common token's many continuations each look unlikely, yet the model
@@ -182,15 +182,17 @@ def _monotone(seconds: list[float]) -> list[float]:
 PROB_EDGES = (0.03, 0.07, 0.15, 0.25, 0.4, 0.55, 0.7, 0.85, 0.97)
 DEPTH_EDGES = (2, 3, 4, 5, 7, 10)  # depth buckets 1, 2, 3, 4, 5-6, 7-9, 10+
 # match buckets: unknown (0), one context token, 2-3, 4+ (DraftTree.matched). At the same
-# estimate a branch found on four tokens lands far more often than one found on one (replaying
-# bench/decoding.py's greedy outputs: 0.79-1.0 against 0.17-0.42 for a best depth-1 node with
-# an estimate of 0.5 or more, RAG-QA and code editing; docs/benchmarks.md, decoding section)
+# estimate a branch found on four tokens lands far more often than one found on one: the best
+# depth-1 node with an estimate of 0.5 or more was the continuation in 85 % and 89 % of steps
+# against 25 % and 34 % (RAG-QA, code editing; `bench/draft_replay.py --by-match`, counts in
+# docs/benchmarks.md, decoding section)
 MATCH_EDGES = (1, 2, 4)
 
 
 class NodeCalibration:
     """How often a draft node's path is really the model's continuation, by the drafter's own
-    estimate (its path probability, bucketed) and depth: the rates the budget prices nodes at.
+    estimate (its path probability, bucketed), depth and the number of context tokens its branch
+    was found on (`DraftTree.matched`, bucketed): the rates the budget prices nodes at.
 
     Learned from every tree a step drafted in full, not only the part it verified: once the
     sequence has committed enough tokens, each node's path either matches them or not, and that
@@ -200,13 +202,15 @@ class NodeCalibration:
     land (measured on open-ended writing: docs/benchmarks.md, decoding section).
 
     Rates are exponential averages per cell; a cell not seen yet borrows `fallback` (the
-    server-wide calibration for a new sequence) and, without one, the drafter's estimate."""
+    server-wide calibration for a new sequence). The server-wide calibration, which has no
+    fallback, also keeps rates per (depth, estimate) over every match length (`coarse`) for its
+    cells not seen yet, and the drafter's estimate where that is new too."""
 
     def __init__(self, alpha: float = 0.1, fallback: NodeCalibration | None = None) -> None:
         self.alpha = alpha
         self.fallback = fallback
         self.rates: dict[tuple[int, int, int], float] = {}  # (depth, estimate, match) buckets
-        self.coarse: dict[tuple[int, int], float] = {}  # (depth, estimate): any match length
+        self.coarse: dict[tuple[int, int], float] = {}  # (depth, estimate): any match; no fallback only
         self.version = 0  # bumped by every update (best_by_depth's cache key)
         self._best: tuple[tuple, list[float]] | None = None
 
@@ -219,8 +223,9 @@ class NodeCalibration:
         )
 
     def rate(self, prob: float, depth: int, matched: int = 0) -> float:
-        """The learned rate of the node's cell; a cell not seen yet backs off to the server-wide
-        rates, then to this calibration's rate for any match length, then to the estimate."""
+        """The learned rate of the node's cell. A cell not seen yet: the fallback's rate (which
+        backs off in turn) or, without a fallback, the rate of its (depth, estimate) over every
+        match length, else the estimate itself."""
         key = self.cell(prob, depth, matched)
         if key in self.rates:
             return self.rates[key]
@@ -286,10 +291,18 @@ class NodeCalibration:
         `Speculator._could_pay`."""
         key = (depths, self.version, self.fallback.version if self.fallback is not None else 0)
         if self._best is None or self._best[0] != key:  # asked every step: computed on change only
-            # each bucket at its top: a cell not learned yet rates a node at its own estimate
+            # each bucket at its top: a cell not learned yet rates a node at its own estimate;
+            # computed once per depth bucket, not per depth
             probs = (*(edge - 1e-9 for edge in PROB_EDGES), 1.0)
             matches = (0, *MATCH_EDGES)  # one length in each match bucket
-            self._best = key, [max(self.rate(p, d, m) for p in probs for m in matches) for d in range(1, depths + 1)]
+            per_bucket: dict[int, float] = {}
+            best = []
+            for d in range(1, depths + 1):
+                b = bisect.bisect_right(DEPTH_EDGES, d)
+                if b not in per_bucket:
+                    per_bucket[b] = max(self.rate(p, d, m) for p in probs for m in matches)
+                best.append(per_bucket[b])
+            self._best = key, best
         return self._best[1]
 
 

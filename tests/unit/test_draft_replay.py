@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
-sys.path.insert(0, str(BENCH))
 _spec = importlib.util.spec_from_file_location("draft_replay", BENCH / "draft_replay.py")
 draft_replay = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(draft_replay)
@@ -35,8 +33,10 @@ def test_replay_oracle_prices_each_chain_by_its_rows():
         return float(n)
 
     tokens, steps, seconds = draft_replay.replay_oracle([prompt], [output], cost, depth=12)
-    assert (tokens, steps) == (4, 1) and rows == [5] and seconds == 5.0  # the root row + 4 drafts
-    # a depth cap of 2 splits it: 2 drafts (+ the bonus token), then the last token's copy
+    # the root row + 3 drafts: the last token is the step's bonus token, never drafted (as in
+    # the engine, which drafts no more than the tokens left after the bonus)
+    assert (tokens, steps) == (4, 1) and rows == [4] and seconds == 4.0
+    # a depth cap of 2 splits it: 2 drafts (+ the bonus token), then the last token alone
     rows.clear()
     tokens, steps, _ = draft_replay.replay_oracle([prompt], [output], cost, depth=2)
-    assert tokens == 4 and rows == [3, 2] and steps == 2
+    assert tokens == 4 and rows == [3, 1] and steps == 2

@@ -161,6 +161,23 @@ def test_calibration_keys_on_the_match_length_and_backs_off_when_a_cell_is_new()
         DraftTree(tokens=[1], parents=[-1], probs=[1.0], matched=[1, 2]).validate()
 
 
+def test_best_by_depth_bounds_every_match_length():
+    """The quick check's bound sees a learned per-match cell that beats its (depth, estimate) rate."""
+    from trieserve.server.speculation import PROB_EDGES, NodeCalibration
+
+    cal = NodeCalibration(alpha=1.0)
+    cal.observe(0.9, 1, hit=True, matched=4)
+    cal.observe(0.9, 1, hit=False, matched=1)  # the rate over any match length is now 0
+    for p in (0.0, *PROB_EDGES):  # every other depth-1 cell has failed
+        for matched in (0, 1, 2, 4):
+            if (p, matched) != (0.9, 4) and NodeCalibration.cell(p, 1, matched) != cal.cell(0.9, 1, 4):
+                cal.observe(p, 1, hit=False, matched=matched)
+    assert cal.rate(0.9, 1, matched=1) == 0.0 and cal.coarse[cal.cell(0.9, 1)[:2]] == 0.0
+    assert cal.best_by_depth(1) == [1.0]  # the four-token cell
+    cal.observe(0.9, 1, hit=False, matched=4)
+    assert cal.best_by_depth(2)[0] == 0.0 and cal.best_by_depth(2)[1] > 0.0  # depth 2: not learned
+
+
 def test_no_trie_search_when_no_draft_could_pay_for_the_batch():
     """Eight sequences whose drafts have kept failing, on a CPU where padding the batch to two
     rows per sequence costs 1.4x: even perfect trees would lose, so the step drafts nothing,
