@@ -47,21 +47,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.server = state
     _install_error_handlers(app, state)
 
-    keys = state.settings.api_keys()
-    limit = state.settings.max_body_bytes
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        """Auth, body size and request counting, before any route runs."""
-        path = request.url.path
-        response = _check_auth(request, keys, state.settings.metrics_open) or await _check_size(request, limit)
-        if response is None:
-            response = await call_next(request)
-        if path.startswith("/v1/"):
-            endpoint = path if path in KNOWN_ENDPOINTS else "other"
-            state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        return response
-
+    app.add_middleware(Guard, state=state)
     if state.settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -93,7 +79,7 @@ def create_app(state: ServerState) -> FastAPI:
         engine = state.require_engine()
         _check_model(body, state)
         prompt_ids = _completion_prompt(body, state)
-        gen = _generation_request(body, prompt_ids, body.max_tokens, state)
+        gen = _generation_request(body, prompt_ids, body.max_tokens, state, "prompt")
         return await _respond(request, state, engine, body, gen, chat=False)
 
     @app.post("/v1/chat/completions", responses=_generation_responses(ChatCompletionResponse))
@@ -101,12 +87,14 @@ def create_app(state: ServerState) -> FastAPI:
         engine = state.require_engine()
         _check_model(body, state)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        for i, m in enumerate(messages):
+            _check_text(m["content"], f"messages.{i}.content")
         try:
             prompt_ids = state.encode_chat(messages)
         except Exception as exc:  # a template that rejects the conversation (e.g. role order)
             raise InvalidRequestError(f"the chat template rejected these messages: {exc}", "messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens
-        gen = _generation_request(body, prompt_ids, max_tokens, state)
+        gen = _generation_request(body, prompt_ids, max_tokens, state, "messages")
         return await _respond(request, state, engine, body, gen, chat=True)
 
     app.openapi = lambda: _openapi(app)
@@ -165,6 +153,48 @@ def _openapi(app: FastAPI) -> dict:
 KNOWN_ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models"}
 
 
+class Guard:
+    """Auth, body size and request counting, before any route runs.
+
+    A plain ASGI middleware, not `@app.middleware("http")`: that wrapper hands routes a receive
+    channel on which `request.is_disconnected()` never reports a client that has gone, so a
+    non-streaming request would run to max_tokens for nobody. Here routes get the server's own
+    channel (a chunked body, read to check its size, is replayed first). Requests that end in an
+    unhandled error are counted as 500s."""
+
+    def __init__(self, app, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+        self.keys = state.settings.api_keys()
+        self.limit = state.settings.max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        status = [500]  # until a response starts: an exception escaping the app is a 500
+
+        async def send_counted(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            request = Request(scope, receive)
+            response = _check_auth(request, self.keys, self.state.settings.metrics_open)
+            if response is None and scope["method"] == "POST":
+                response, receive = await _check_size(request, receive, self.limit)
+            if response is not None:
+                await response(scope, receive, send_counted)
+            else:
+                await self.app(scope, receive, send_counted)
+        finally:
+            if path.startswith("/v1/"):
+                endpoint = path if path in KNOWN_ENDPOINTS else "other"
+                self.state.metrics.requests.labels(endpoint, str(status[0])).inc()
+
+
 def _check_auth(request: Request, keys: list[str], metrics_open: bool) -> JSONResponse | None:
     path = request.url.path
     if not keys or not (path.startswith("/v1/") or (path == "/metrics" and not metrics_open)):
@@ -182,15 +212,38 @@ def _check_auth(request: Request, keys: list[str], metrics_open: bool) -> JSONRe
     return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
 
-async def _check_size(request: Request, limit: int) -> JSONResponse | None:
-    if request.method != "POST":
-        return None
+async def _check_size(request: Request, receive, limit: int):
+    """(a 413 response or None, the receive channel the app should read). A declared length is
+    checked as it stands; a chunked body is read here up to the limit and replayed to the app,
+    after which the app reads the server's own channel (disconnects included)."""
+    too_big = _body_error(limit)
     declared = request.headers.get("content-length")
-    too_big = declared is not None and declared.isdigit() and int(declared) > limit
-    if not too_big and declared is None:
-        too_big = len(await request.body()) > limit  # chunked upload: read (cached for the route)
-    if not too_big:
-        return None
+    if declared is not None:
+        return (too_big if declared.isdigit() and int(declared) > limit else None), receive
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client left while sending
+            return None, _replay([message], receive)
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            return too_big, receive
+        if not message.get("more_body", False):
+            break
+    return None, _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}], receive)
+
+
+def _replay(messages: list[dict], receive):
+    pending = list(messages)
+
+    async def replayed() -> dict:
+        return pending.pop(0) if pending else await receive()
+
+    return replayed
+
+
+def _body_error(limit: int) -> JSONResponse:
     body = error_body(f"request body larger than {limit} bytes", "invalid_request_error", None, "request_too_large")
     return JSONResponse(body, status_code=413)
 
@@ -212,6 +265,7 @@ def _completion_prompt(body: CompletionRequest, state: ServerState) -> list[int]
     if isinstance(prompt, str):
         if not prompt:
             raise InvalidRequestError("prompt must not be empty", "prompt")
+        _check_text(prompt, "prompt")
         return state.encode(prompt)
     if not prompt:
         raise InvalidRequestError("prompt must not be empty", "prompt")
@@ -221,13 +275,49 @@ def _completion_prompt(body: CompletionRequest, state: ServerState) -> list[int]
     return list(prompt)
 
 
-def _generation_request(body: SamplingFields, prompt_ids: list[int], max_tokens: int | None, state: ServerState):
+def _check_text(text: str, param: str) -> None:
+    """JSON can carry strings that are not text (a lone UTF-16 surrogate, "\\ud800"): a 400."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"{param} is not valid Unicode text: a lone surrogate (U+{ord(text[exc.start]):04X}) at character {exc.start}",
+            param,
+        ) from None
+
+
+# OpenAI fields that would change the result, which this server does not implement: answering
+# without them would be a wrong answer with no sign of it, so they get a 400 (param, message)
+def _unsupported(body: SamplingFields) -> tuple[str, str] | None:
+    extra = body.model_extra or {}
+    if body.logprobs is not None and body.logprobs is not False:  # completions' 0 asks for them too
+        return "logprobs", "logprobs are not supported"
+    if getattr(body, "top_logprobs", None):
+        return "top_logprobs", "logprobs are not supported"
+    if getattr(body, "echo", False):
+        return "echo", "echo is not supported"
+    if getattr(body, "suffix", None):
+        return "suffix", "suffix (insertion) is not supported"
+    if body.stream_options is not None and not body.stream:
+        return "stream_options", "stream_options is only allowed with stream: true"
+    for name in ("logit_bias", "tools", "functions"):
+        if extra.get(name):
+            return name, f"{name} is not supported"
+    fmt = extra.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        return "response_format", "response_format other than {'type': 'text'} is not supported"
+    return None
+
+
+def _generation_request(
+    body: SamplingFields, prompt_ids: list[int], max_tokens: int | None, state: ServerState, prompt_param: str
+):
     if not prompt_ids:
-        raise InvalidRequestError("the prompt is empty after tokenization", "messages")
+        raise InvalidRequestError("the prompt is empty after tokenization", prompt_param)
     context = state.max_context
     if len(prompt_ids) >= context:
         raise ContextLengthError(
-            f"the prompt has {len(prompt_ids)} tokens; this model's context is {context} tokens", "messages"
+            f"the prompt has {len(prompt_ids)} tokens; this model's context is {context} tokens", prompt_param
         )
     if max_tokens is None:
         max_tokens = context - len(prompt_ids)
@@ -249,8 +339,9 @@ def _generation_request(body: SamplingFields, prompt_ids: list[int], max_tokens:
         )
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from None
-    if body.logprobs:
-        raise InvalidRequestError("logprobs are not supported", "logprobs")
+    unsupported = _unsupported(body)
+    if unsupported is not None:
+        raise InvalidRequestError(unsupported[1], unsupported[0])
     extra = sorted(set(body.model_extra or {}))
     if extra:
         log.debug("ignoring unknown request fields: %s", ", ".join(extra))
@@ -392,6 +483,22 @@ def _usage(ev: Finish) -> dict:
 
 
 # ---- errors --------------------------------------------------------------------------------
+_TYPE_TAGS = {"str", "int", "float", "bool", "bytes", "dict", "list", "none"}
+
+
+def _field_path(loc) -> tuple[str | None, str | None]:
+    """(the field's dotted path, the union member tried) of a pydantic error location: pydantic
+    adds a union member's type name ("str", "list[str]") after the field; clients know the field."""
+    parts: list[str] = []
+    for p in loc:
+        if p == "body" and not parts:
+            continue
+        if isinstance(p, str) and (p in _TYPE_TAGS or "[" in p):
+            return ".".join(parts) or None, p
+        parts.append(str(p))
+    return ".".join(parts) or None, None
+
+
 def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
     @app.exception_handler(TrieserveError)
     async def domain_error(request: Request, exc: TrieserveError):
@@ -402,14 +509,18 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
     async def validation_error(request: Request, exc: RequestValidationError):
         errors = exc.errors()
         first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
+        param, _ = _field_path(first.get("loc", ()))
         if first.get("type") == "json_invalid":
             message, param = "the request body is not valid JSON", None
         else:
+            # a field that takes several types fails once per type: name the field and the types
+            same = [e for e in errors if _field_path(e.get("loc", ()))[0] == param]
+            types = [t for t in dict.fromkeys(_field_path(e.get("loc", ()))[1] for e in same) if t]
             message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
-            if len(errors) > 1:
-                message += f" (and {len(errors) - 1} more problem(s))"
+            if len(types) > 1:
+                message += f" (accepted: {' or '.join(types)})"
+            if len(errors) > len(same):
+                message += f" (and {len(errors) - len(same)} more problem(s))"
         return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)

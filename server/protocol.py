@@ -1,10 +1,11 @@
-"""OpenAI-compatible request bodies (pydantic). Unknown fields are accepted and ignored."""
+"""OpenAI-compatible request bodies (pydantic). Unknown fields are accepted and ignored; `null`
+stands for a field's default, as in the OpenAI API."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from trieserve.server.settings import KV_POLICIES
 
 Float = Annotated[float, Field(allow_inf_nan=False)]
@@ -41,6 +42,15 @@ class SamplingFields(BaseModel):
     kv_budget: Annotated[Float, Field(gt=0.0)] | None = Field(
         None, description="KV entries kept: a fraction (<=1) or a token count (>1)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        """Clients send unset options as null: drop those, so a field takes its default (for
+        completions, max_tokens null is 16, as in OpenAI's completions API)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
 
     @field_validator("stop")
     @classmethod

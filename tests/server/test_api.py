@@ -1,5 +1,7 @@
 """The real server in a subprocess, driven by the official openai SDK and raw HTTP."""
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -139,16 +141,80 @@ def test_unknown_fields_are_ignored(server):
         ("/v1/completions", {"prompt": ""}, 400, "prompt"),
         ("/v1/completions", {"prompt": [1, 2, 10**9]}, 400, "prompt"),
         ("/v1/completions", {"prompt": "hi", "max_tokens": 10**6}, 400, "max_tokens"),
-        ("/v1/completions", {"prompt": "word " * 9000}, 400, "messages"),
+        ("/v1/completions", {"prompt": "word " * 9000}, 400, "prompt"),
         ("/v1/completions", {"prompt": "hi", "n": 3}, 400, "n"),
+        # text JSON can carry that is not text: a lone surrogate
+        ("/v1/completions", {"prompt": "abc\ud800", "max_tokens": 2}, 400, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\udfff"}]}, 400, "messages.0.content"),
+        # a field taking several types is named as the client wrote it, not by pydantic's union member
+        ("/v1/completions", {"prompt": "hi", "stop": 5}, 400, "stop"),
+        ("/v1/completions", {"prompt": [1.5, 2]}, 400, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content"),
+        # OpenAI fields that would change the answer and are not implemented: a 400, not ignored
+        ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
+        ("/v1/completions", {"prompt": "hi", "suffix": "end"}, 400, "suffix"),
+        ("/v1/completions", {"prompt": "hi", "logprobs": 0}, 400, "logprobs"),
+        ("/v1/completions", {"prompt": "hi", "logit_bias": {"50": -100}}, 400, "logit_bias"),
+        ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3},
+            400,
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+            },
+            400,
+            "tools",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+            400,
+            "response_format",
+        ),
     ],
 )
 def test_bad_input_gets_openai_shaped_4xx(server, path, body, status, param):
-    r = httpx.post(server.url + path, json=body, timeout=60)
+    # json.dumps escapes non-ASCII (a lone surrogate too, which httpx's own encoder refuses)
+    r = httpx.post(
+        server.url + path, content=json.dumps(body).encode(), headers={"content-type": "application/json"}, timeout=60
+    )
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     assert err["param"] == param
+
+
+def test_null_means_the_default(server):
+    body = {"prompt": "Hi", "temperature": None, "top_p": None, "n": None, "stream": None, "seed": None}
+    body |= {"presence_penalty": None, "frequency_penalty": None, "stop": None, "lookahead": None}
+    r = httpx.post(server.url + "/v1/completions", json=body | {"max_tokens": 3}, timeout=60)
+    assert r.status_code == 200, r.text
+    # max_tokens null on completions is OpenAI's default of 16, not the rest of the context
+    r = httpx.post(
+        server.url + "/v1/completions",
+        json={"prompt": "Count: 1, 2, 3,", "max_tokens": None, "temperature": 0, "ignore_eos": True},
+        timeout=60,
+    )
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16, r.text
+    # a response_format of plain text changes nothing and is accepted
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"messages": CHAT, "max_tokens": 2, "response_format": {"type": "text"}, "stream_options": None},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_union_field_errors_name_the_accepted_types(server):
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "stop": 5}, timeout=60)
+    assert r.status_code == 400
+    assert "str or list[str]" in r.json()["error"]["message"]
 
 
 def test_malformed_json_gets_400(server):

@@ -39,6 +39,23 @@ def test_full_queue_gets_429_with_retry_after(small_server):
     assert rejected.json()["error"]["type"] == "rate_limit_error"
 
 
+def test_client_leaving_a_non_streaming_request_cancels_it(small_server):
+    """A client that stops waiting for a whole response (an SDK timeout) frees its sequence within
+    a step or so: nobody would read the rest."""
+    body = {"prompt": "Write a very long story.", "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(small_server.url + "/v1/completions", json=body, timeout=2.0)
+    deadline = time.monotonic() + 10
+    while _running(small_server.url) > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _running(small_server.url) == 0
+    counted = [
+        ln for ln in httpx.get(small_server.url + "/metrics").text.splitlines()
+        if ln.startswith('trieserve_requests_total{endpoint="/v1/completions",status="499"}')
+    ]  # fmt: skip
+    assert counted and float(counted[0].split()[-1]) >= 1
+
+
 def test_client_disconnect_cancels_generation(small_server):
     body = {
         "prompt": "Write a very long story.",

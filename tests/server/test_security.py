@@ -1,5 +1,7 @@
 """API keys, body size limit and request timeout on a real server."""
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -50,6 +52,21 @@ def test_large_body_gets_413(locked):
         locked.url + "/v1/completions", json={"prompt": "x" * 10_000}, headers={"Authorization": "Bearer first-key"}
     )
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_chunked_bodies_are_size_checked_and_replayed(locked):
+    """A body sent without Content-Length is read to check its size, then handed to the route."""
+    auth = {"Authorization": "Bearer first-key", "content-type": "application/json"}
+
+    def chunked(data: bytes):
+        yield from (data[i : i + 1000] for i in range(0, len(data), 1000))
+
+    big = json.dumps({"prompt": "x" * 10_000}).encode()
+    r = httpx.post(locked.url + "/v1/completions", content=chunked(big), headers=auth)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    small = json.dumps({"prompt": "Hello there", "max_tokens": 2, "temperature": 0}).encode()
+    r = httpx.post(locked.url + "/v1/completions", content=chunked(small), headers=auth, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
 
 
 def test_request_timeout_cancels(locked):
