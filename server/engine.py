@@ -228,9 +228,12 @@ class Engine:
             seq.emit(Failure(exc))
 
     def _end(self, seq: Sequence, reason: str | None = None) -> None:
-        # metrics first: a client that reads /metrics right after its last event sees itself
-        if self.metrics is not None and reason is None:
-            self.metrics.finished(seq, len(seq.prompt_ids), len(seq.output_ids))
+        # metrics first: a client that reads /metrics right after its last event sees itself.
+        # A cancelled sequence's work counts too (its prompt if prefilled, its tokens), but not
+        # in the latency histograms, which describe completed requests
+        if self.metrics is not None:
+            prompt = len(seq.prompt_ids) if seq.prefilled else 0
+            self.metrics.finished(seq, prompt, len(seq.output_ids), completed=reason is None)
         self._release(seq)  # freed before the client hears it is done
         seq.finish(reason)
 

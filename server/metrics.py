@@ -60,14 +60,19 @@ class Metrics:
             self.accepted_tokens.inc(accepted)
         self.accepted_length.observe(emitted)
 
-    def finished(self, seq, prompt_tokens: int, completion_tokens: int) -> None:
+    def finished(self, seq, prompt_tokens: int, completion_tokens: int, completed: bool = True) -> None:
+        """A sequence has ended: its work into the counters (prompt_tokens 0 when it never
+        prefilled); its latency into the histograms only when it completed (not cancelled)."""
         now = time.monotonic()
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(completion_tokens)
-        self.forward_passes.inc()  # the prefill
+        if prompt_tokens:
+            self.forward_passes.inc()  # the prefill
         self.kv_kept.inc(seq.stats.kv_tokens_kept)
         self.kv_seen.inc(seq.stats.kv_tokens_total)
         self.kv_evicted.inc(max(seq.stats.kv_tokens_total - seq.stats.kv_tokens_kept, 0))
+        if not completed:
+            return
         self.e2e.observe(now - seq.created)
         if completion_tokens > 1 and seq.first_token_at is not None:
             self.tpot.observe((now - seq.first_token_at) / (completion_tokens - 1))

@@ -16,6 +16,13 @@ def small_server(model_dir):
     srv.stop()
 
 
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
 def _running(url: str) -> float:
     for line in httpx.get(url + "/metrics").text.splitlines():
         if line.startswith("trieserve_running_requests "):
@@ -64,6 +71,7 @@ def test_client_disconnect_cancels_generation(small_server):
         "ignore_eos": True,
         "stream": True,
     }
+    before = _metric(small_server.url, "trieserve_generation_tokens_total")
     with httpx.stream("POST", small_server.url + "/v1/completions", json=body, timeout=60) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i > 3:
@@ -73,6 +81,8 @@ def test_client_disconnect_cancels_generation(small_server):
     while _running(small_server.url) > 0 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _running(small_server.url) == 0
+    # the tokens it generated before it left are counted, like every other request's
+    assert _metric(small_server.url, "trieserve_generation_tokens_total") - before >= 2
     start = time.monotonic()
     r = httpx.post(
         small_server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "temperature": 0}, timeout=60
