@@ -213,13 +213,15 @@ def _check_auth(request: Request, keys: list[str], metrics_open: bool) -> JSONRe
 
 
 async def _check_size(request: Request, receive, limit: int):
-    """(a 413 response or None, the receive channel the app should read). A declared length is
-    checked as it stands; a chunked body is read here up to the limit and replayed to the app,
-    after which the app reads the server's own channel (disconnects included)."""
+    """(a 413 response or None, the receive channel the app should read). The body is read here,
+    counting bytes up to the limit whatever the headers say (a Content-Length can disagree with a
+    chunked body the server decodes anyway), then replayed to the app, which afterwards reads the
+    server's own channel (disconnects included). A declared length over the limit is refused
+    before reading."""
     too_big = _body_error(limit)
     declared = request.headers.get("content-length")
-    if declared is not None:
-        return (too_big if declared.isdigit() and int(declared) > limit else None), receive
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return too_big, receive
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -300,8 +302,16 @@ def _unsupported(body: SamplingFields) -> tuple[str, str] | None:
         return "suffix", "suffix (insertion) is not supported"
     if body.stream_options is not None and not body.stream:
         return "stream_options", "stream_options is only allowed with stream: true"
-    for name in ("logit_bias", "tools", "functions"):
+    if extra.get("best_of") not in (None, 1):
+        return "best_of", "best_of is not supported (only 1)"
+    if extra.get("tool_choice") not in (None, "none", "auto"):
+        return "tool_choice", "tool calls are not supported"
+    # OpenAI's, then vLLM's sampling and structured-output extensions
+    for name in ("logit_bias", "tools", "functions", "min_tokens", "min_p", "stop_token_ids", "bad_words"):
         if extra.get(name):
+            return name, f"{name} is not supported"
+    for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
+        if extra.get(name) is not None:
             return name, f"{name} is not supported"
     fmt = extra.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
@@ -342,6 +352,8 @@ def _generation_request(
     unsupported = _unsupported(body)
     if unsupported is not None:
         raise InvalidRequestError(unsupported[1], unsupported[0])
+    for stop in body.stop_list():
+        _check_text(stop, "stop")
     extra = sorted(set(body.model_extra or {}))
     if extra:
         log.debug("ignoring unknown request fields: %s", ", ".join(extra))

@@ -11,13 +11,25 @@ from trieserve.server.settings import KV_POLICIES
 Float = Annotated[float, Field(allow_inf_nan=False)]
 
 
-class StreamOptions(BaseModel):
+class NullIsDefault(BaseModel):
+    """Clients send unset options as null: those are dropped, so a field takes its default."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
+
+
+class StreamOptions(NullIsDefault):
     model_config = ConfigDict(extra="allow", strict=True)
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
-    """Fields shared by both endpoints (OpenAI's, then vLLM-style and trieserve extensions)."""
+class SamplingFields(NullIsDefault):
+    """Fields shared by both endpoints (OpenAI's, then vLLM-style and trieserve extensions).
+    For completions, max_tokens null is 16, its default, as in OpenAI's completions API."""
 
     model_config = ConfigDict(extra="allow", strict=True)
 
@@ -42,15 +54,6 @@ class SamplingFields(BaseModel):
     kv_budget: Annotated[Float, Field(gt=0.0)] | None = Field(
         None, description="KV entries kept: a fraction (<=1) or a token count (>1)"
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_default(cls, data):
-        """Clients send unset options as null: drop those, so a field takes its default (for
-        completions, max_tokens null is 16, as in OpenAI's completions API)."""
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
-        return data
 
     @field_validator("stop")
     @classmethod

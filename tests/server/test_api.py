@@ -156,6 +156,16 @@ def test_unknown_fields_are_ignored(server):
         ("/v1/completions", {"prompt": "hi", "logprobs": 0}, 400, "logprobs"),
         ("/v1/completions", {"prompt": "hi", "logit_bias": {"50": -100}}, 400, "logit_bias"),
         ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+        ("/v1/completions", {"prompt": "hi", "best_of": 3}, 400, "best_of"),
+        ("/v1/completions", {"prompt": "hi", "min_tokens": 5}, 400, "min_tokens"),
+        ("/v1/completions", {"prompt": "hi", "guided_json": {"type": "object"}}, 400, "guided_json"),
+        ("/v1/completions", {"prompt": "hi", "stop": ["ok", "\ud800"]}, 400, "stop"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"},
+            400,
+            "tool_choice",
+        ),
         (
             "/v1/chat/completions",
             {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3},
@@ -205,10 +215,19 @@ def test_null_means_the_default(server):
     # a response_format of plain text changes nothing and is accepted
     r = httpx.post(
         server.url + "/v1/chat/completions",
-        json={"messages": CHAT, "max_tokens": 2, "response_format": {"type": "text"}, "stream_options": None},
+        json={"messages": CHAT, "max_tokens": 2, "response_format": {"type": "text"}, "stream_options": None}
+        | {"tools": [], "tool_choice": "none", "logprobs": False, "top_logprobs": None, "best_of": 1},
         timeout=60,
     )
     assert r.status_code == 200, r.text
+
+
+def test_null_inside_stream_options_is_the_default(client, server):
+    body = {"prompt": "Hi", "max_tokens": 2, "stream": True, "stream_options": {"include_usage": None}}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+    assert not any('"usage"' in ln for ln in lines)  # include_usage defaults to off
 
 
 def test_union_field_errors_name_the_accepted_types(server):
