@@ -225,8 +225,8 @@ async def _check_size(request: Request, receive, limit: int):
     chunks, size = [], 0
     while True:
         message = await receive()
-        if message["type"] != "http.request":  # the client left while sending
-            return None, _replay([message], receive)
+        if message["type"] != "http.request":  # the client left while sending: nobody to answer
+            return Response(status_code=499), receive
         chunks.append(message.get("body", b""))
         size += len(chunks[-1])
         if size > limit:

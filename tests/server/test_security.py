@@ -2,6 +2,7 @@
 
 import json
 import socket
+import time
 
 import httpx
 import openai
@@ -83,6 +84,30 @@ def test_chunked_bodies_are_size_checked_and_replayed(locked):
     small = json.dumps({"prompt": "Hello there", "max_tokens": 2, "temperature": 0}).encode()
     r = httpx.post(locked.url + "/v1/completions", content=chunked(small), headers=auth, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+
+
+def test_client_leaving_mid_upload_is_counted_as_499(locked):
+    def left() -> float:
+        text = httpx.get(locked.url + "/metrics", headers={"Authorization": "Bearer first-key"}).text
+        lines = [
+            ln
+            for ln in text.splitlines()
+            if ln.startswith('trieserve_requests_total{endpoint="/v1/completions",status="499"}')
+        ]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    before = left()
+    host, port = locked.url.removeprefix("http://").split(":")
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer first-key\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head.encode() + b'5\r\n{"pro\r\n')  # then leave before the rest
+    deadline = time.monotonic() + 10
+    while left() == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left() == before + 1
 
 
 def test_request_timeout_cancels(locked):
