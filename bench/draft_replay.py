@@ -49,9 +49,10 @@ from prompts import encode_chat  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 from trieserve.decoding.draft import DraftConfig  # noqa: E402
 from trieserve.decoding.trie import OutputStore  # noqa: E402
+from trieserve.server.budget import StepCost  # noqa: E402
 from trieserve.server.model import resolve_model_path  # noqa: E402
 from trieserve.server.settings import Settings  # noqa: E402
-from trieserve.server.speculation import Speculator, StepCost  # noqa: E402
+from trieserve.server.speculation import Speculator  # noqa: E402
 
 
 def accepted_length(tree, truth: list[int]) -> int:

@@ -11,11 +11,12 @@ from trieserve.decoding.draft import DraftConfig
 from trieserve.decoding.trie import OutputStore
 from trieserve.kernels.dispatch import set_backend
 from trieserve.server import matmul
+from trieserve.server.budget import StepCost
 from trieserve.server.engine import Engine, EngineConfig
 from trieserve.server.model import load_model, resolve_model_path
 from trieserve.server.runner import ModelRunner
 from trieserve.server.settings import Settings
-from trieserve.server.speculation import Speculator, StepCost
+from trieserve.server.speculation import Speculator
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,11 @@ from trieserve.decoding.draft import DraftConfig
 from trieserve.decoding.sampling import SamplingParams
 from trieserve.decoding.trie import OutputStore
 from trieserve.kernels import dispatch
+from trieserve.server.budget import StepCost
 from trieserve.server.engine import Engine, EngineConfig
 from trieserve.server.runner import ModelRunner
 from trieserve.server.sequence import Delta, Finish, GenerationRequest
-from trieserve.server.speculation import Speculator, StepCost
+from trieserve.server.speculation import Speculator
 
 pytestmark = pytest.mark.skipif(not dispatch.HAS_TRITON, reason="triton is not installed")
 

@@ -14,11 +14,12 @@ from trieserve.cache.policies import HEAD_CAP, make_policy
 from trieserve.decoding.draft import DraftConfig
 from trieserve.decoding.sampling import SamplingParams
 from trieserve.decoding.trie import OutputStore
+from trieserve.server.budget import StepCost
 from trieserve.server.engine import Engine, EngineConfig
 from trieserve.server.runner import ATTENTION_NAME
 from trieserve.server.sequence import Delta, Failure, Finish, GenerationRequest
 from trieserve.server.settings import Settings
-from trieserve.server.speculation import Speculator, StepCost
+from trieserve.server.speculation import Speculator
 
 W = 32
 N = 224  # 3 prefill chunks of 64 (the runner fixture's) + one window: prefill splits it the same way

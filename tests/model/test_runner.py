@@ -110,7 +110,7 @@ def test_cache_grows_in_place_and_truncates(runner, tokenizer):
 
 
 def test_cost_ladder_is_measured_once_then_loaded(runner, tmp_path, monkeypatch):
-    from trieserve.server.speculation import StepCost
+    from trieserve.server.budget import StepCost
 
     path = tmp_path / "ladder.json"
     first = StepCost.cached(runner, 4, path)

@@ -1,7 +1,7 @@
 """The adaptive draft budget: cost interpolation and batch allocation (no model)."""
 
 import pytest
-from trieserve.server.speculation import StepCost, allocate
+from trieserve.server.budget import StepCost, allocate
 
 
 def test_step_cost_interpolates_and_extrapolates():
@@ -97,7 +97,7 @@ def test_node_calibration_scores_whole_trees_against_the_tokens_that_followed():
     """Every node is scored once: a hit when its path is the committed text, a miss as soon as
     the text leaves its path (even before the text reaches its depth), undecided until then."""
     from trieserve.decoding.tree import DraftTree
-    from trieserve.server.speculation import NodeCalibration
+    from trieserve.server.budget import NodeCalibration
 
     # root -> 1 (0.9) -> 2 (0.8) -> 3 (0.5);  root -> 1 -> 4 (0.1);  root -> 7 (0.05) -> 8 (0.04)
     tree = DraftTree(tokens=[1, 2, 3, 4, 7, 8], parents=[-1, 0, 1, 0, -1, 4], probs=[0.9, 0.8, 0.5, 0.1, 0.05, 0.04])
@@ -117,7 +117,7 @@ def test_node_calibration_scores_whole_trees_against_the_tokens_that_followed():
 def test_calibrated_trees_rank_by_learned_rates_and_keep_whole_paths():
     from trieserve.decoding.draft import accepted_curve
     from trieserve.decoding.tree import DraftTree
-    from trieserve.server.speculation import NodeCalibration
+    from trieserve.server.budget import NodeCalibration
 
     cal = NodeCalibration(alpha=1.0)
     cal.observe(0.9, 1, hit=False)  # the counts' "certain" first tokens fail here...
@@ -137,7 +137,7 @@ def test_calibrated_trees_rank_by_learned_rates_and_keep_whole_paths():
 
 def test_calibration_keys_on_the_match_length_and_backs_off_when_a_cell_is_new():
     from trieserve.decoding.tree import DraftTree
-    from trieserve.server.speculation import NodeCalibration
+    from trieserve.server.budget import NodeCalibration
 
     prior = NodeCalibration(alpha=1.0)
     prior.observe(0.9, 1, hit=False, matched=1)  # found on one token: missed
@@ -163,7 +163,7 @@ def test_calibration_keys_on_the_match_length_and_backs_off_when_a_cell_is_new()
 
 def test_best_by_depth_bounds_every_match_length():
     """The quick check's bound sees a learned per-match cell that beats its (depth, estimate) rate."""
-    from trieserve.server.speculation import PROB_EDGES, NodeCalibration
+    from trieserve.server.budget import PROB_EDGES, NodeCalibration
 
     cal = NodeCalibration(alpha=1.0)
     cal.observe(0.9, 1, hit=True, matched=4)
@@ -226,7 +226,7 @@ def test_no_trie_search_when_no_draft_could_pay_for_the_batch():
 
 
 def test_payoff_switches_drafting_off_where_it_loses_but_keeps_exploring():
-    from trieserve.server.speculation import Payoff
+    from trieserve.server.budget import Payoff
 
     payoff = Payoff(explore=4, max_explore=16)
     assert payoff.allows(8)  # nothing seen yet
