@@ -218,10 +218,9 @@ async def _check_size(request: Request, receive, limit: int):
     chunked body the server decodes anyway), then replayed to the app, which afterwards reads the
     server's own channel (disconnects included). A declared length over the limit is refused
     before reading."""
-    too_big = _body_error(limit)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        return too_big, receive
+        return _body_error(limit), receive
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -230,7 +229,7 @@ async def _check_size(request: Request, receive, limit: int):
         chunks.append(message.get("body", b""))
         size += len(chunks[-1])
         if size > limit:
-            return too_big, receive
+            return _body_error(limit), receive
         if not message.get("more_body", False):
             break
     return None, _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}], receive)

@@ -24,10 +24,7 @@ def _metric(url: str, name: str) -> float:
 
 
 def _running(url: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith("trieserve_running_requests "):
-            return float(line.split()[-1])
-    raise AssertionError("no running gauge")
+    return _metric(url, "trieserve_running_requests")
 
 
 def test_full_queue_gets_429_with_retry_after(small_server):
