@@ -16,7 +16,7 @@ import time
 
 import torch
 from trieserve.server.batch import StepRows
-from trieserve.server.builder import skinny_rows
+from trieserve.server.builder import matmul_route
 from trieserve.server.model import load_model, prepare_default_model
 from trieserve.server.runner import ModelRunner
 from trieserve.server.settings import Settings
@@ -40,9 +40,9 @@ def main() -> None:
             ap.error(f"unknown forward {name!r}")
         runners[name] = ModelRunner(model, prefill_chunk=512, skinny_rows=0, lean=name == "lean")
     runner = next(iter(runners.values()))
-    route = skinny_rows(settings, runner, path.name)  # the server's matmul route
+    route = matmul_route(settings, runner, path.name)  # the server's matmul route (rows, kernel)
     for r in runners.values():
-        r.set_skinny_rows(route)
+        r.set_skinny_rows(*route)
     prompt = [100 + i % 1000 for i in range(args.prefix)]
     prefill = dict.fromkeys(runners, float("inf"))
     for _ in range(args.repeats + 1):

@@ -1,12 +1,13 @@
-"""What a forward of N rows costs against a one-row step, with and without the skinny matmul.
+"""What a forward of N rows costs against a one-row step, with stock F.linear and each few-row kernel.
 
     python bench/matmul.py [--prefix 300] [--rounds 4] [--rows 2,3,4,6,8,12,16,24,32]
 
 One sequence holds a prefilled cache of `prefix` tokens; each forward adds N causal rows (the
-shape of a lookahead step) and is then cut off again. Stock `F.linear` and `SkinnyLinear`
-(server/matmul.py) are timed interleaved over several rounds; the fastest run of each is kept
-(`matmul.measure_routes`, the same measurement the server makes at start-up). The last line is
-the `--skinny-rows` value the server would pick from this table.
+shape of a lookahead step) and is then cut off again. Stock `F.linear` and the few-row kernels
+of server/matmul.py (`skinny`; `stream`, built here on first use) are timed interleaved over
+several rounds; the fastest run of each is kept (`matmul.measure_routes`, the same measurement
+the server makes at start-up). The last line is the route the server would pick from this table
+(`--matmul-kernel`, `--skinny-rows`).
 """
 
 from __future__ import annotations
@@ -30,17 +31,21 @@ def main() -> None:
     torch.set_grad_enabled(False)
     model, _ = load_model(prepare_default_model(Settings().cache_dir), "float32", "cpu")
     runner = ModelRunner(model, skinny_rows=0)
-    stock, skinny = matmul.measure_routes(runner, sizes, prefix=args.prefix, rounds=args.rounds)
-    one = min(stock[1], skinny[1])
+    matmul.load_stream(Settings().cache_dir / "ext")
+    best = matmul.measure_routes(runner, sizes, prefix=args.prefix, rounds=args.rounds)
+    arms = list(best)
+    one = min(best[a][1] for a in arms)
     print(f"threads={torch.get_num_threads()} prefix={args.prefix} one-row step {one * 1e3:.1f} ms")
-    print("| rows | stock ms | skinny ms | stock / one row | skinny / one row |")
-    print("|---:|---:|---:|---:|---:|")
-    for n in sorted(stock):
+    print("| rows | " + " | ".join(f"{a} ms" for a in arms) + " | " + " | ".join(f"{a} / one row" for a in arms) + " |")
+    print("|---:|" + "---:|" * (2 * len(arms)))
+    for n in sorted(best["stock"]):
         if n > 1:
-            s, k = stock[n], skinny[n]
-            print(f"| {n} | {s * 1e3:.1f} | {k * 1e3:.1f} | {s / one:.2f}x | {k / one:.2f}x |")
+            ms = " | ".join(f"{best[a][n] * 1e3:.1f}" for a in arms)
+            ratios = " | ".join(f"{best[a][n] / one:.2f}x" for a in arms)
+            print(f"| {n} | {ms} | {ratios} |")
+    kernel, rows = matmul.pick_route(best)
     print(
-        f"picked: --skinny-rows {matmul.pick_max_rows(stock, skinny)} (skinny >= {matmul.MARGIN:.0%} faster at every size up to it)"
+        f"picked: --matmul-kernel {kernel} --skinny-rows {rows} (the kernel >= {matmul.MARGIN:.0%} faster than stock at every size up to it)"
     )
 
 

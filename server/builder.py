@@ -57,7 +57,7 @@ def _build(settings: Settings, metrics=None):
     set_backend(settings.kernels)
     model, tokenizer = load_model(path, settings.dtype, device)
     runner = ModelRunner(model, prefill_chunk=settings.prefill_chunk, skinny_rows=0, lean=settings.lean_forward)
-    runner.set_skinny_rows(skinny_rows(settings, runner, path.name))
+    runner.set_skinny_rows(*matmul_route(settings, runner, path.name))
     config = EngineConfig(
         max_queue=settings.max_queue,
         max_num_seqs=settings.max_num_seqs,
@@ -72,12 +72,21 @@ def _build(settings: Settings, metrics=None):
     return engine, tokenizer
 
 
-def skinny_rows(settings: Settings, runner: ModelRunner, model_tag: str) -> int:
-    """`--skinny-rows` when given, else this machine's measured choice (cached per hardware)."""
-    if settings.skinny_rows is not None:
-        return settings.skinny_rows
+def matmul_route(settings: Settings, runner: ModelRunner, model_tag: str) -> tuple[int, str]:
+    """(max_rows, kernel) of the CPU few-row matmul route: `--skinny-rows` and `--matmul-kernel`
+    where given, the rest this machine's measured choice (cached per hardware)."""
+    kernel = None if settings.matmul_kernel == "auto" else settings.matmul_kernel
+    if runner.device.type != "cpu":
+        return 0, "skinny"
+    if kernel != "skinny" and settings.dtype == "float32":
+        matmul.load_stream(settings.cache_dir / "ext")
+        if kernel == "stream" and not matmul.stream_available():
+            raise RuntimeError("--matmul-kernel stream: the kernel could not be built (see the log)")
+    if settings.skinny_rows is not None and kernel is not None:
+        return settings.skinny_rows, kernel
     key = _hardware_key(settings, runner, model_tag, route=False)
-    return matmul.cached_max_rows(runner, settings.cache_dir / "matmul" / f"{key}.json")
+    chosen, rows = matmul.cached_route(runner, settings.cache_dir / "matmul" / f"{key}.json", kernel)
+    return (rows if settings.skinny_rows is None else settings.skinny_rows), chosen
 
 
 def build_speculator(settings: Settings, runner: ModelRunner, model_tag: str) -> Speculator | None:
@@ -125,7 +134,7 @@ def _hardware_key(settings: Settings, runner: ModelRunner, model_tag: str, route
     key = f"{model_tag}|{runner.vocab_size}|{runner.num_layers}|{settings.dtype}|{hardware}|torch{torch.__version__}"
     key += "|lean" if runner.lean is not None else "|transformers"
     if route:
-        key += f"|skinny{runner.skinny_rows}"
+        key += f"|{runner.matmul_kernel}{runner.skinny_rows}"
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

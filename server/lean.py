@@ -125,13 +125,19 @@ class LeanLlama:
 
     @torch.no_grad()
     def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache, max_rows: int = 0, **kwargs
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache,
+        max_rows: int = 0,
+        kernel: str = "skinny",
+        **kwargs,
     ) -> torch.Tensor:
-        """input_ids, position_ids [1, T]; returns hidden states [1, T, hidden]. `max_rows`: the
-        matmul route's skinny range (server/matmul.py)."""
+        """input_ids, position_ids [1, T]; returns hidden states [1, T, hidden]. `max_rows`,
+        `kernel`: the few-row matmul route (server/matmul.py)."""
 
         def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-            return matmul.linear(x, weight, None, max_rows)
+            return matmul.linear(x, weight, None, max_rows, kernel)
 
         h = self.embed(input_ids)
         cos, sin = self.rotary(h, position_ids)

@@ -1,34 +1,46 @@
-"""A faster CPU matmul for the few-row forwards that lookahead and batching run.
+"""Faster CPU matmuls for the few-row forwards that lookahead and batching run.
 
-A decode step multiplies every weight matrix by a handful of rows: one for a plain step, 2-16
+A decode step multiplies every weight matrix by a handful of rows: one for a plain step, 2-32
 for a draft tree or a small batch. On CPU, PyTorch's `F.linear` sends one row to a matrix-vector
-kernel that streams the weights at memory bandwidth, but hands 2-16 rows to a general matrix
-multiply that, on some BLAS/CPU pairs (MKL on AMD EPYC, measured by `bench/matmul.py`), costs
-about twice the one-row step: the tree a lookahead step verifies then costs two plain steps and
-rarely pays. Computing the same product as `weight @ x.T` (the weights as the tall operand)
-costs 1.0-1.25 plain steps up to 8 rows; from ~10 rows MKL's own kernel is as fast.
+kernel that streams the weights at memory bandwidth, but hands 4-32 rows to a general matrix
+multiply that costs 1.5-2.5 one-row steps (MKL; `bench/matmul.py`): the tree a lookahead step
+verifies, or a batch of sequences, then costs nearly two plain steps. Two other kernels exist
+for 2..`max_rows` rows:
 
-Whether it wins depends on the BLAS and the CPU: on an Intel Xeon with AMX (same torch build)
-stock `F.linear` costs 1.1-1.6 one-row steps at 2-4 rows and the skinny route ~2, the reverse
-of the EPYC. So the range is not a constant: `measure_routes` times whole-model forwards of
-2..16 rows both ways (interleaved, fastest of several rounds) and `pick_max_rows` takes the
-largest N where the skinny route wins clearly at every measured size up to N (0 when it loses
-at 2 rows). The server does this once per machine at start-up and caches the answer
-(`cached_max_rows`); `--skinny-rows N` forces a value.
+- `skinny`: the same product as `weight @ x.T` (the weights as the tall operand). On an AMD EPYC
+  it costs 1.0-1.25 plain steps up to 8 rows; on an Intel Xeon with AMX, about two.
+- `stream`: server/stream_linear.cpp, a small C++ kernel built at first use with the machine's
+  C++ compiler (`-march=native`; cached under CACHE_DIR/ext). Each thread streams its slice of
+  the weights once, a few rows at a time, multiplying them with every input row while they are
+  in registers, and prefetches the next rows. On the Xeon: 1.1 one-row steps at 4 rows, 1.3 at
+  8, against 1.7 and 2.1 for `F.linear` (`bench/linear_routes.py`). A row's result does not depend
+  on how many rows share the call. Without a compiler it is simply not offered.
 
-`install(model)` switches the model's `nn.Linear` modules to `SkinnyLinear`, which takes that
-route for 2..`max_rows` rows and is `F.linear` otherwise (the lean forward, server/lean.py,
-calls the same `linear` with the runner's range); the weights, tying and the model's
-code are untouched. Only CPU models are switched (GPUs run both shapes at full speed). Each
-output element is the same dot product; only the summation order inside the BLAS kernel may
-differ, as it already does between one row and several.
+Which wins depends on the BLAS and the CPU, so the choice is measured, not fixed:
+`measure_routes` times whole-model forwards of 2..32 rows with each kernel (interleaved, fastest
+of several rounds) and `pick_route` takes, for each kernel, the largest N where it beats stock
+`F.linear` clearly at every measured size up to N, then the kernel with the larger N. The server
+does this once per machine at start-up and caches the answer (`cached_route`);
+`--skinny-rows N` and `--matmul-kernel` force either part.
+
+`install(model, max_rows, kernel)` switches the model's `nn.Linear` modules to `SkinnyLinear`,
+which takes the kernel for 2..`max_rows` rows and is `F.linear` otherwise (the lean forward,
+server/lean.py, calls the same `linear` with the runner's route); the weights, tying and the
+model's code are untouched. Only CPU models are switched (GPUs run both shapes at full speed).
+Each output element is the same dot product; only the summation order may differ, as it
+already does inside the BLAS between one row and several.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import platform
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -37,25 +49,81 @@ from trieserve.decoding.trie import write_atomically
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 9  # on a 2-core EPYC (bench/matmul.py) the gain fades from ~10 rows, where F.linear is as fast
-MEASURED_ROWS = (2, 3, 4, 6, 8, 12, 16)
-MARGIN = 0.05  # the skinny route must be this much faster to be taken: a tie is noise, not a win
+MAX_ROWS = 9  # on a 2-core EPYC (bench/matmul.py) the skinny kernel's gain fades from ~10 rows
+MEASURED_ROWS = (2, 3, 4, 6, 8, 12, 16, 24, 32)
+MARGIN = 0.05  # a kernel must be this much faster than F.linear to be taken: a tie is noise, not a win
+KERNELS = ("skinny", "stream")
+SOURCE = Path(__file__).with_name("stream_linear.cpp")
+
+_stream: ModuleType | None = None  # the built stream kernel, once `load_stream` succeeded
+
+
+def load_stream(build_root: Path) -> ModuleType | None:
+    """Build (first time on a machine, ~30 s) or load the stream kernel; None when it cannot be
+    built here (no C++ compiler, no ninja): the kernel is then not offered. The build directory
+    is keyed by the source, torch's version and the CPU, since it is compiled for this CPU."""
+    global _stream
+    if _stream is not None:
+        return _stream
+    source = SOURCE.read_bytes()
+    salt = f"|{torch.__version__}|{platform.machine()}|{_cpu_flags()}|openmp"
+    key = hashlib.sha256(source + salt.encode()).hexdigest()[:12]
+    directory = build_root / f"stream-{key}"
+    bindir = str(Path(sys.executable).parent)  # the ninja the `ninja` package installed beside python
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    try:
+        from torch.utils import cpp_extension
+
+        directory.mkdir(parents=True, exist_ok=True)
+        # -fopenmp: at::parallel_for is a header template that runs on one thread without it
+        _stream = cpp_extension.load(
+            f"trieserve_stream_{key}",
+            [str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+        )
+    except Exception as exc:  # a missing compiler shows up as several exception types
+        log.warning("the stream matmul kernel could not be built (%s); it is not used", str(exc).splitlines()[0])
+        return None
+    return _stream
+
+
+def stream_available(runner=None) -> bool:
+    """Whether the stream kernel is built (and, given a runner, can run its model: fp32)."""
+    return _stream is not None and (runner is None or next(runner.model.parameters()).dtype == torch.float32)
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith(("flags", "Features", "model name")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
 
 
 class SkinnyLinear(nn.Linear):
-    """nn.Linear computing 2..max_rows rows as `weight @ x.T` (see the module docstring)."""
+    """nn.Linear computing 2..max_rows rows with a few-row kernel (see the module docstring)."""
 
     max_rows = MAX_ROWS
+    kernel = "skinny"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.max_rows)
+        return linear(x, self.weight, self.bias, self.max_rows, self.kernel)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_rows: int) -> torch.Tensor:
-    """F.linear, computed as `weight @ x.T` when x has 2..max_rows rows (the skinny route)."""
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_rows: int, kernel: str = "skinny"
+) -> torch.Tensor:
+    """F.linear, computed with `kernel` when x has 2..max_rows rows."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if not 2 <= rows <= max_rows:
         return F.linear(x, weight, bias)
+    if kernel == "stream":
+        return _stream.stream_linear(x, weight, bias)
     # contiguous: a transposed view sends the next attention call off its fast (flash) path
     out = (weight @ x.reshape(rows, x.shape[-1]).T).T.contiguous()
     if bias is not None:
@@ -63,9 +131,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def install(model: nn.Module, max_rows: int = MAX_ROWS) -> int:
-    """Switch a CPU model's linear layers to SkinnyLinear (in place; again only updates
-    `max_rows`). Returns how many layers take the skinny route."""
+def install(model: nn.Module, max_rows: int = MAX_ROWS, kernel: str = "skinny") -> int:
+    """Switch a CPU model's linear layers to SkinnyLinear with `kernel` (in place; again only
+    updates the route). Returns how many layers take it."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown matmul kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    if kernel == "stream" and _stream is None:
+        raise RuntimeError("the stream kernel is not built: call load_stream first")
     if max_rows < 2 or next(model.parameters()).device.type != "cpu":
         return 0
     count = 0
@@ -74,6 +146,7 @@ def install(model: nn.Module, max_rows: int = MAX_ROWS) -> int:
             module.__class__ = SkinnyLinear
         if isinstance(module, SkinnyLinear):
             module.max_rows = max_rows
+            module.kernel = kernel
             count += 1
     return count
 
@@ -90,48 +163,74 @@ def uninstall(model: nn.Module) -> int:
 
 def measure_routes(
     runner, rows: tuple[int, ...] = MEASURED_ROWS, prefix: int = 128, rounds: int = 3
-) -> tuple[dict[int, float], dict[int, float]]:
+) -> dict[str, dict[int, float]]:
     """Seconds of one forward of each row count (one sequence, `prefix` tokens cached, causal
-    rows: a lookahead step's shape) with stock `F.linear` and with the skinny route, interleaved
-    over `rounds` (plus a warm-up round); the fastest of each is kept. Leaves the model with
-    stock linears; the caller installs what it picks. Returns (stock, skinny) by row count."""
+    rows: a lookahead step's shape) with stock `F.linear` and with each available kernel,
+    interleaved over `rounds` (plus a warm-up round); the fastest of each is kept. Leaves the
+    model with stock linears; the caller installs what it picks. Returns {"stock": {rows: s},
+    "skinny": ..., "stream": ... (when built)}."""
     sizes = sorted({1, *rows})
-    arms = {"stock": lambda: runner.set_skinny_rows(0), "skinny": lambda: runner.set_skinny_rows(max(sizes))}
+    arms = {"stock": lambda: runner.set_skinny_rows(0)}
+    for kernel in KERNELS:
+        if kernel != "stream" or stream_available(runner):
+            arms[kernel] = lambda k=kernel: runner.set_skinny_rows(max(sizes), k)
     best = runner.time_row_forwards(sizes, prefix, rounds, arms)
     runner.set_skinny_rows(0)
-    return best["stock"], best["skinny"]
+    return best
 
 
-def pick_max_rows(stock: dict[int, float], skinny: dict[int, float], margin: float = MARGIN) -> int:
-    """The largest measured N (>= 2) such that the skinny route is faster by `margin` at every
-    measured size from 2 to N; 0 when it is not at 2 rows. Sizes between the last win and the
-    first loss are left to `F.linear` (unmeasured, so not assumed to win)."""
+def pick_max_rows(stock: dict[int, float], kernel: dict[int, float], margin: float = MARGIN) -> int:
+    """The largest measured N (>= 2) where the kernel is faster than stock by `margin` and is not
+    slower by more than `margin` at any measured size from 2 to N (a tie at 2-3 rows, where
+    stock's matrix-vector kernel is at its best, does not hide clear wins above); 0 when there
+    is none. Sizes between the last win and the first clear loss are left to `F.linear`
+    (unmeasured, so not assumed to win)."""
     chosen = 0
-    for n in sorted(k for k in stock if k >= 2 and k in skinny):
-        if skinny[n] > (1 - margin) * stock[n]:
+    for n in sorted(k for k in stock if k >= 2 and k in kernel):
+        if kernel[n] > (1 + margin) * stock[n]:
             break
-        chosen = n
+        if kernel[n] <= (1 - margin) * stock[n]:
+            chosen = n
     return chosen
 
 
-def cached_max_rows(runner, path: Path) -> int:
-    """`pick_max_rows` for this machine: read from `path` when it was measured before, else
-    measured now (a few seconds) and written there. Non-CPU models: 0, nothing measured."""
+def pick_route(best: dict[str, dict[int, float]], kernel: str | None = None) -> tuple[str, int]:
+    """(kernel, max_rows) from `measure_routes`' timings: each kernel's `pick_max_rows`, and the
+    kernel with the larger range; on a tie the one with the smaller total time over that range.
+    `kernel` forces the kernel (its range still measured). ("skinny", 0): stock everywhere."""
+    stock = best["stock"]
+    ranges = {k: pick_max_rows(stock, best[k]) for k in KERNELS if k in best}
+    if kernel is not None:
+        return kernel, ranges.get(kernel, 0)
+    if not ranges:
+        return "skinny", 0
+
+    def rank(k: str) -> tuple[int, float]:
+        return ranges[k], -sum(t for n, t in best[k].items() if 2 <= n <= ranges[k])
+
+    chosen = max(ranges, key=rank)
+    return (chosen, ranges[chosen]) if ranges[chosen] else ("skinny", 0)
+
+
+def cached_route(runner, path: Path, kernel: str | None = None) -> tuple[str, int]:
+    """`pick_route` for this machine: from `path` when it was measured before, else measured
+    now (several seconds) and written there. Non-CPU models: ("skinny", 0), nothing measured."""
     if runner.device.type != "cpu":
-        return 0
+        return "skinny", 0
+    best = None
     try:
         data = json.loads(path.read_text())
-        return int(data["max_rows"])
-    except (OSError, ValueError, KeyError, TypeError):
+        best = {arm: {int(n): float(t) for n, t in times.items()} for arm, times in data["timings"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
-    stock, skinny = measure_routes(runner)
-    chosen = pick_max_rows(stock, skinny)
-    table = ", ".join(f"{n}:{stock[n] * 1e3:.0f}/{skinny[n] * 1e3:.0f}ms" for n in sorted(stock))
-    log.info("matmul route by rows (stock/skinny): %s -> skinny for 2..%d rows", table, chosen)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"max_rows": chosen, "stock": stock, "skinny": skinny}
-        write_atomically(path, json.dumps(record).encode())
-    except OSError as exc:
-        log.warning("could not cache the matmul route at %s: %s", path, exc)
-    return chosen
+    if best is None or ("stream" in best) != stream_available(runner):
+        best = measure_routes(runner)
+        chosen = pick_route(best)
+        table = ", ".join(f"{n}:" + "/".join(f"{best[a][n] * 1e3:.0f}" for a in best) for n in sorted(best["stock"]))
+        log.info("matmul ms by rows (%s): %s -> %s for 2..%d rows", "/".join(best), table, *chosen)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, json.dumps({"route": chosen, "timings": best}).encode())
+        except OSError as exc:
+            log.warning("could not cache the matmul route at %s: %s", path, exc)
+    return pick_route(best, kernel)

@@ -128,16 +128,17 @@ class ModelRunner:
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.skinny_rows = 0
+        self.matmul_kernel = "skinny"
         self.set_skinny_rows(skinny_rows)
 
-    def set_skinny_rows(self, max_rows: int) -> None:
-        """Route CPU forwards of 2..max_rows rows through the skinny matmul (0: stock F.linear
-        everywhere); see trieserve.server.matmul."""
-        if matmul.install(self.model, max_rows):
-            self.skinny_rows = max_rows
+    def set_skinny_rows(self, max_rows: int, kernel: str = "skinny") -> None:
+        """Route CPU forwards of 2..max_rows rows through a few-row matmul kernel ("skinny" or
+        "stream"; 0 rows: stock F.linear everywhere); see trieserve.server.matmul."""
+        if matmul.install(self.model, max_rows, kernel):
+            self.skinny_rows, self.matmul_kernel = max_rows, kernel
         else:
             matmul.uninstall(self.model)
-            self.skinny_rows = 0
+            self.skinny_rows, self.matmul_kernel = 0, "skinny"
 
     def new_cache(self) -> KVCache:
         return KVCache(self.num_layers)
@@ -207,7 +208,9 @@ class ModelRunner:
     def _hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache, **kwargs) -> torch.Tensor:
         """Last hidden states [1, T, hidden] of a forward over [1, T] rows into `cache`."""
         if self.lean is not None:
-            return self.lean.forward(input_ids, position_ids, cache, max_rows=self.skinny_rows, **kwargs)
+            return self.lean.forward(
+                input_ids, position_ids, cache, max_rows=self.skinny_rows, kernel=self.matmul_kernel, **kwargs
+            )
         return self.model.base_model(
             input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True, **kwargs
         ).last_hidden_state

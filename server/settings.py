@@ -43,8 +43,13 @@ class Settings(BaseSettings):
         None,
         ge=0,
         le=64,
-        description="CPU: forwards of 2..N rows multiply as weight @ x.T (faster on some BLAS/CPUs); "
+        description="CPU: forwards of 2..N rows take the few-row matmul kernel (--matmul-kernel); "
         "0 = off; unset = measured at start-up and cached per machine",
+    )
+    matmul_kernel: Literal["auto", "skinny", "stream"] = Field(
+        "auto",
+        description="CPU: the kernel for forwards of 2..N rows: skinny (weight @ x.T) or stream (a C++ kernel "
+        "built at first start, fp32); auto = measured at start-up with the range",
     )
     lean_forward: bool = Field(
         True,

@@ -43,6 +43,22 @@ def hf_model(model_dir):
 
 
 @pytest.fixture(scope="session")
+def stream_kernel():
+    """The C++ few-row matmul kernel (server/stream_linear.cpp), built once per machine. Only a
+    machine without a C++ compiler skips the tests that need it; where one exists it must build."""
+    import shutil
+
+    from trieserve.server import matmul
+    from trieserve.server.settings import Settings
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the stream matmul kernel cannot be built here")
+    module = matmul.load_stream(Settings().cache_dir / "ext")
+    assert module is not None, "the stream matmul kernel failed to build (see the warning above)"
+    return module
+
+
+@pytest.fixture(scope="session")
 def runner(model_dir):
     from trieserve.server.model import load_model
     from trieserve.server.runner import ModelRunner

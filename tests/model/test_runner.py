@@ -128,9 +128,9 @@ def test_cost_ladder_is_measured_once_then_loaded(runner, tmp_path, monkeypatch)
     assert other.sizes == [1, 2]
 
 
-def test_cached_max_rows_measures_once_then_reads_the_file(model_dir, tmp_path, monkeypatch):
-    """The route is measured on the real model at most once per machine key; the result and
-    the timings behind it are in the file, and a second call does not measure."""
+def test_cached_route_measures_once_then_reads_the_file(model_dir, tmp_path, monkeypatch, stream_kernel):
+    """The route is measured on the real model at most once per machine key; the choice and the
+    timings behind it (stock and both kernels) are in the file, and a second call does not measure."""
     calls = []
     real = matmul.measure_routes
 
@@ -142,12 +142,14 @@ def test_cached_max_rows_measures_once_then_reads_the_file(model_dir, tmp_path, 
     model, _ = load_model(model_dir, "float32", "cpu")  # its own copy: the route is switched on it
     runner = ModelRunner(model, skinny_rows=0)
     path = tmp_path / "matmul" / "key.json"
-    first = matmul.cached_max_rows(runner, path)
-    assert first in (0, 2, 3) and calls == [1]
+    kernel, rows = matmul.cached_route(runner, path)
+    assert kernel in matmul.KERNELS and rows in (0, 2, 3) and calls == [1]
     data = json.loads(path.read_text())
-    assert data["max_rows"] == first and set(data["stock"]) == {"1", "2", "3"}
-    assert all(v > 0 for v in data["skinny"].values())
-    assert matmul.cached_max_rows(runner, path) == first and calls == [1]
-    runner.set_skinny_rows(first)
-    assert runner.skinny_rows == first
-    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear)) == (first == 0)
+    assert data["route"] == [kernel, rows] and set(data["timings"]) == {"stock", "skinny", "stream"}
+    assert all(set(t) == {"1", "2", "3"} and min(t.values()) > 0 for t in data["timings"].values())
+    assert matmul.cached_route(runner, path) == (kernel, rows) and calls == [1]
+    # a forced kernel is read from the same timings
+    assert matmul.cached_route(runner, path, "skinny")[0] == "skinny" and calls == [1]
+    runner.set_skinny_rows(rows, kernel)
+    assert (runner.skinny_rows, runner.matmul_kernel) == ((rows, kernel) if rows else (0, "skinny"))
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear)) == (rows == 0)
