@@ -9,9 +9,9 @@ noise hits every method alike:
 
     hf_greedy   HF `generate` greedy, a separately loaded model with default (SDPA) attention
     hf_pld      HF `generate(prompt_lookup_num_tokens=10)`, the built-in prompt-lookup peer
-    hf_pld_skinny  the same, with trieserve's CPU skinny matmul switched into HF's model for the
-                run (server/matmul.py): what the peer gains from that change alone. Not in the
-                default set; ask for it with --methods.
+    hf_pld_route  the same, with the CPU few-row matmul route the trieserve engine took (kernel
+                and range, server/matmul.py) switched into HF's model for the run: what the peer
+                gains from that change alone. Not in the default set; ask for it with --methods.
     ts_greedy   trieserve engine, plain greedy (lookahead off)
     ts_cold     trieserve lookahead, the shared output trie empty (only the prompt to copy from)
     ts_warm     trieserve lookahead, the output trie first warmed with the other prompts of the
@@ -69,13 +69,13 @@ from trieserve.server.model import resolve_model_path  # noqa: E402
 from trieserve.server.sequence import Delta, Failure, Finish, GenerationRequest  # noqa: E402
 from trieserve.server.settings import Settings  # noqa: E402
 
-METHODS = ("hf_greedy", "hf_pld", "hf_pld_skinny", "ts_greedy", "ts_cold", "ts_warm")
+METHODS = ("hf_greedy", "hf_pld", "hf_pld_route", "ts_greedy", "ts_cold", "ts_warm")
 DEFAULT_METHODS = ("hf_greedy", "hf_pld", "ts_greedy", "ts_cold", "ts_warm")
 TS_METHODS = ("ts_greedy", "ts_cold", "ts_warm")
 LABELS = {
     "hf_greedy": "HF greedy",
     "hf_pld": "HF prompt lookup (10)",
-    "hf_pld_skinny": "HF prompt lookup (10), skinny matmul",
+    "hf_pld_route": "HF prompt lookup (10), trieserve's matmul route",
     "ts_greedy": "trieserve greedy",
     "ts_cold": "trieserve lookahead, cold trie",
     "ts_warm": "trieserve lookahead, warm trie",
@@ -153,21 +153,21 @@ class HFRunner:
         self.calls += 1
 
     def generate(
-        self, ids: list[int], pld: bool, max_new_tokens: int | None = None, skinny: bool = False
+        self, ids: list[int], pld: bool, max_new_tokens: int | None = None, route: tuple[int, str] | None = None
     ) -> tuple[list[int], float, int]:
-        """Returns (new token ids, seconds, forward calls). `skinny`: run with trieserve's CPU
-        skinny matmul switched in (and out again afterwards)."""
-        return self.run_on(lambda: self._generate(ids, pld, max_new_tokens, skinny))
+        """Returns (new token ids, seconds, forward calls). `route`: (max_rows, kernel) of a CPU
+        few-row matmul route switched in for the run (and out again afterwards)."""
+        return self.run_on(lambda: self._generate(ids, pld, max_new_tokens, route))
 
     @torch.inference_mode()
     def _generate(
-        self, ids: list[int], pld: bool, max_new_tokens: int | None, skinny: bool
+        self, ids: list[int], pld: bool, max_new_tokens: int | None, route: tuple[int, str] | None
     ) -> tuple[list[int], float, int]:
         x = torch.tensor([ids])
         extra = {"prompt_lookup_num_tokens": PLD_TOKENS} if pld else {}
         self.calls = 0
-        if skinny:
-            matmul.install(self.model)
+        if route:
+            matmul.install(self.model, *route)
         try:
             start = time.perf_counter()
             out = self.model.generate(
@@ -200,6 +200,7 @@ class EngineRunner:
 
     def __init__(self, settings: Settings, max_new_tokens: int) -> None:
         self.engine, self.tokenizer = build_engine(settings)
+        self.runner = self.engine.runner
         self.max_new_tokens = max_new_tokens
 
     def generate(
@@ -262,7 +263,8 @@ def measure(
     gc.collect()
     torch.manual_seed(seed)
     if method.startswith("hf_"):
-        tokens, seconds, forwards = hf.generate(ids, pld=method != "hf_greedy", skinny=method == "hf_pld_skinny")
+        route = (ts.runner.skinny_rows, ts.runner.matmul_kernel) if method == "hf_pld_route" else None
+        tokens, seconds, forwards = hf.generate(ids, pld=method != "hf_greedy", route=route)
         return Run(prompt.workload, index, method, len(ids), tokens, seconds, forwards)
     tokens, seconds, stats = ts.generate(ids, lookahead=method != "ts_greedy")
     return Run(
@@ -282,7 +284,7 @@ def warm_up(hf: HFRunner, ts: EngineRunner, ids: list[int]) -> None:
     """One short unmeasured run per method so no method pays first-call costs."""
     hf.generate(ids, pld=False, max_new_tokens=16)
     hf.generate(ids, pld=True, max_new_tokens=16)
-    hf.generate(ids, pld=True, max_new_tokens=16, skinny=True)
+    hf.generate(ids, pld=True, max_new_tokens=16, route=(ts.runner.skinny_rows, ts.runner.matmul_kernel))
     ts.generate(ids, lookahead=False, max_new_tokens=16)
     ts.generate(ids, lookahead=True, max_new_tokens=16)
 
@@ -387,7 +389,7 @@ def method_table(runs: list[Run], workload: str | None, methods: list[str]) -> l
 
 
 def summary_table(runs: list[Run], workloads: list[str], methods: list[str]) -> list[str]:
-    shown = [m for m in ("hf_pld", "hf_pld_skinny", "ts_greedy", "ts_cold", "ts_warm") if m in methods]
+    shown = [m for m in ("hf_pld", "hf_pld_route", "ts_greedy", "ts_cold", "ts_warm") if m in methods]
     head = ["workload", "prompts", "tokens (HF greedy)", "HF greedy tok/s"]
     head += [f"{m} vs HF greedy" for m in shown]
     head += [f"{m} vs hf_pld" for m in ("ts_cold", "ts_warm") if m in methods]

@@ -7,7 +7,9 @@ fused shapes: q/k/v 960x576, o 576x576, gate/up 3072x576, down 576x1536; separat
 weights per layer, so the pass streams ~0.42 GB as a forward does) for each row count, by route:
 
     stock   F.linear (MKL): a matrix-vector kernel for 1-3 rows, a GEMM from 4
-    skinny  weight @ x.T, the route server/matmul.py can switch to
+    skinny  weight @ x.T, a route server/matmul.py can switch to
+    stream  server/stream_linear.cpp, the C++ kernel server/matmul.py can switch to (built here on
+            first use; left out when it cannot be built)
     onednn  oneDNN's linear over a weight reordered once for it (torch.ops.mkldnn), which keeps
             a second copy of every weight: twice the weight memory
 
@@ -22,6 +24,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+from trieserve.server import matmul
+from trieserve.server.settings import Settings
 
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))
 LAYERS = 30
@@ -38,6 +42,9 @@ def main() -> None:
         "stock": lambda x, w, _p: F.linear(x, w),
         "skinny": lambda x, w, _p: (w @ x.T).T.contiguous(),
     }
+    kernel = matmul.load_stream(Settings().cache_dir / "ext")
+    if kernel is not None:
+        routes["stream"] = lambda x, w, _p: kernel.stream_linear(x, w, None)
     packs = None
     if torch.backends.mkldnn.is_available():
         packs = [[torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in ws] for ws in weights]

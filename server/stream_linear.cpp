@@ -96,33 +96,56 @@ inline void dot_block(const float* x, int64_t ldx, const float* w, int64_t K, fl
   }
 }
 
-template <int R>
-void rows_pass(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy, int64_t f0, int64_t f1) {
-  constexpr int F = features_per_block<R>();
+// A row group of n <= Vec::group rows against F weight rows at f.
+template <int F>
+void dot_group(int64_t n, const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy, int64_t f) {
+  switch (n) {
+    case 1: return dot_block<1, F>(x, ldx, w, K, y, ldy, f);
+    case 2: return dot_block<2, F>(x, ldx, w, K, y, ldy, f);
+    case 3: return dot_block<3, F>(x, ldx, w, K, y, ldy, f);
+    case 4: return dot_block<4, F>(x, ldx, w, K, y, ldy, f);
+#if defined(__AVX512F__)
+    case 5: return dot_block<5, F>(x, ldx, w, K, y, ldy, f);
+    case 6: return dot_block<6, F>(x, ldx, w, K, y, ldy, f);
+    case 7: return dot_block<7, F>(x, ldx, w, K, y, ldy, f);
+    case 8: return dot_block<8, F>(x, ldx, w, K, y, ldy, f);
+#endif
+    default: TORCH_CHECK(false, "stream_linear: bad row group ", n);
+  }
+}
+
+// Output features [f0, f1) for all rows: F weight rows at a time, each multiplied with every
+// row group while it is in L1, so the weights stream from memory once and the prefetch of the
+// next rows runs under all the groups' arithmetic. G = the full group's size.
+template <int G>
+void features_pass(const float* x, int64_t rows, const float* w, int64_t K, float* y, int64_t N, int64_t f0, int64_t f1) {
+  constexpr int F = features_per_block<G>();
   int64_t f = f0;
-  for (; f + F <= f1; f += F) dot_block<R, F>(x, ldx, w + f * K, K, y, ldy, f);
-  for (; f < f1; ++f) dot_block<R, 1>(x, ldx, w + f * K, K, y, ldy, f);
+  for (; f + F <= f1; f += F)
+    for (int64_t r = 0; r < rows; r += G) dot_group<F>(std::min<int64_t>(G, rows - r), x + r * K, K, w + f * K, K, y + r * N, N, f);
+  for (; f < f1; ++f)
+    for (int64_t r = 0; r < rows; r += G) dot_group<1>(std::min<int64_t>(G, rows - r), x + r * K, K, w + f * K, K, y + r * N, N, f);
 }
 
 using Pass = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t);
 
 Pass pass_for(int64_t rows) {
-  switch (rows) {
-    case 1: return rows_pass<1>;
-    case 2: return rows_pass<2>;
-    case 3: return rows_pass<3>;
-    case 4: return rows_pass<4>;
+  switch (std::min<int64_t>(rows, Vec::group)) {
+    case 1: return features_pass<1>;
+    case 2: return features_pass<2>;
+    case 3: return features_pass<3>;
+    case 4: return features_pass<4>;
 #if defined(__AVX512F__)
-    case 5: return rows_pass<5>;
-    case 6: return rows_pass<6>;
-    case 7: return rows_pass<7>;
-    case 8: return rows_pass<8>;
+    case 5: return features_pass<5>;
+    case 6: return features_pass<6>;
+    case 7: return features_pass<7>;
+    case 8: return features_pass<8>;
 #endif
-    default: TORCH_CHECK(false, "stream_linear: bad row group ", rows);
+    default: TORCH_CHECK(false, "stream_linear: bad row count ", rows);
   }
 }
 
-constexpr int64_t kSlice = 64;  // output features per slice: their weight rows stay in L1/L2 across row groups
+constexpr int64_t kGrain = 64;  // output features per thread at least
 
 torch::Tensor stream_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "stream_linear: CPU tensors only");
@@ -135,17 +158,9 @@ torch::Tensor stream_linear(const torch::Tensor& x, const torch::Tensor& weight,
   const float* xp = x2.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t group = Vec::group;
   if (rows > 0 && N > 0) {
-    at::parallel_for(0, N, kSlice, [&](int64_t begin, int64_t end) {
-      for (int64_t s = begin; s < end; s += kSlice) {
-        const int64_t e = std::min(end, s + kSlice);
-        for (int64_t r = 0; r < rows; r += group) {
-          const int64_t n = std::min(group, rows - r);
-          pass_for(n)(xp + r * K, K, wp, K, yp + r * N, N, s, e);
-        }
-      }
-    });
+    const Pass pass = pass_for(rows);
+    at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) { pass(xp, rows, wp, K, yp, N, begin, end); });
   }
   if (bias.has_value() && bias->defined()) y.add_(*bias);
   auto shape = x.sizes().vec();
