@@ -45,7 +45,7 @@ def main() -> None:
             print(f"| {n} | {ms} | {ratios} |")
     kernel, rows = matmul.pick_route(best)
     print(
-        f"picked: --matmul-kernel {kernel} --skinny-rows {rows} (the kernel >= {matmul.MARGIN:.0%} faster than stock at every size up to it)"
+        f"picked: --matmul-kernel {kernel} --skinny-rows {rows} (the largest size where the kernel is >= {matmul.MARGIN:.0%} faster than stock, none below it >= {matmul.MARGIN:.0%} slower)"
     )
 
 

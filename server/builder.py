@@ -75,13 +75,15 @@ def _build(settings: Settings, metrics=None):
 def matmul_route(settings: Settings, runner: ModelRunner, model_tag: str) -> tuple[int, str]:
     """(max_rows, kernel) of the CPU few-row matmul route: `--skinny-rows` and `--matmul-kernel`
     where given, the rest this machine's measured choice (cached per hardware)."""
-    kernel = None if settings.matmul_kernel == "auto" else settings.matmul_kernel
-    if runner.device.type != "cpu":
+    if runner.device.type != "cpu" or settings.skinny_rows == 0:
         return 0, "skinny"
+    kernel = None if settings.matmul_kernel == "auto" else settings.matmul_kernel
+    if kernel == "stream" and settings.dtype != "float32":
+        raise ValueError(f"--matmul-kernel stream runs float32 models only (--dtype is {settings.dtype})")
     if kernel != "skinny" and settings.dtype == "float32":
         matmul.load_stream(settings.cache_dir / "ext")
         if kernel == "stream" and not matmul.stream_available():
-            raise RuntimeError("--matmul-kernel stream: the kernel could not be built (see the log)")
+            raise RuntimeError("--matmul-kernel stream: the kernel could not be built (the log says why)")
     if settings.skinny_rows is not None and kernel is not None:
         return settings.skinny_rows, kernel
     key = _hardware_key(settings, runner, model_tag, route=False)
@@ -135,6 +137,8 @@ def _hardware_key(settings: Settings, runner: ModelRunner, model_tag: str, route
     key += "|lean" if runner.lean is not None else "|transformers"
     if route:
         key += f"|{runner.matmul_kernel}{runner.skinny_rows}"
+        if runner.matmul_kernel == "stream" and runner.skinny_rows:
+            key += f"|{matmul.stream_key()}"  # another build of the kernel: another ladder
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

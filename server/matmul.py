@@ -38,7 +38,8 @@ import json
 import logging
 import os
 import platform
-import sys
+import shutil
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -58,51 +59,86 @@ SOURCE = Path(__file__).with_name("stream_linear.cpp")
 _stream: ModuleType | None = None  # the built stream kernel, once `load_stream` succeeded
 
 
+STALE_LOCK_S = 600.0  # a build lock this old was left by a build that was killed
+
+
+def stream_key() -> str:
+    """What the built kernel depends on: its source, torch, and this CPU (-march=native)."""
+    salt = f"|{torch.__version__}|{platform.machine()}|{_cpu_signature()}|openmp"
+    return hashlib.sha256(SOURCE.read_bytes() + salt.encode()).hexdigest()[:12]
+
+
 def load_stream(build_root: Path) -> ModuleType | None:
     """Build (first time on a machine, ~30 s) or load the stream kernel; None when it cannot be
     built here (no C++ compiler, no ninja): the kernel is then not offered. The build directory
-    is keyed by the source, torch's version and the CPU, since it is compiled for this CPU."""
+    is `stream-KEY` under `build_root` (`stream_key`), and it builds from its own copy of the
+    source, so checkouts sharing the cache share one build."""
     global _stream
     if _stream is not None:
         return _stream
-    source = SOURCE.read_bytes()
-    salt = f"|{torch.__version__}|{platform.machine()}|{_cpu_flags()}|openmp"
-    key = hashlib.sha256(source + salt.encode()).hexdigest()[:12]
+    key = stream_key()
     directory = build_root / f"stream-{key}"
-    bindir = str(Path(sys.executable).parent)  # the ninja the `ninja` package installed beside python
-    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    _ninja_on_path()
     try:
         from torch.utils import cpp_extension
 
         directory.mkdir(parents=True, exist_ok=True)
+        source = directory / SOURCE.name
+        if not source.exists():  # the key covers the content: an existing copy is this source
+            write_atomically(source, SOURCE.read_bytes())
+        # torch's build lock: a build killed half-way leaves it, and every later start would wait on it forever
+        lock = directory / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            log.warning("removing a stale build lock left at %s", lock)
+            lock.unlink(missing_ok=True)
         # -fopenmp: at::parallel_for is a header template that runs on one thread without it
         _stream = cpp_extension.load(
             f"trieserve_stream_{key}",
-            [str(SOURCE)],
+            [str(source)],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(directory),
         )
     except Exception as exc:  # a missing compiler shows up as several exception types
-        log.warning("the stream matmul kernel could not be built (%s); it is not used", str(exc).splitlines()[0])
+        reason = " ".join(str(exc).split())[-400:]
+        log.warning("the stream matmul kernel could not be built, so it is not used: %s", reason)
         return None
     return _stream
 
 
 def stream_available(runner=None) -> bool:
-    """Whether the stream kernel is built (and, given a runner, can run its model: fp32)."""
-    return _stream is not None and (runner is None or next(runner.model.parameters()).dtype == torch.float32)
+    """Whether the stream kernel is built (and, given a runner, can run its model: fp32 on CPU)."""
+    if _stream is None or runner is None:
+        return _stream is not None
+    weight = next(runner.model.parameters())
+    return weight.dtype == torch.float32 and weight.device.type == "cpu"
 
 
-def _cpu_flags() -> str:
+def _ninja_on_path() -> None:
+    """torch builds with the `ninja` it finds on PATH; the `ninja` package installs one beside
+    this Python, which is not on PATH when the venv is not activated."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+
+
+def _cpu_signature() -> str:
+    """The first CPU's model name and instruction-set flags (x86 `flags`, Arm `Features`)."""
+    lines: list[str] = []
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith(("flags", "Features", "model name")):
-                return line
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the end of the first processor's block
+                if line.startswith(("model name", "flags", "Features")):
+                    lines.append(" ".join(line.split()))
     except OSError:
         pass
-    return platform.processor()
+    return "|".join(lines) or platform.processor()
 
 
 class SkinnyLinear(nn.Linear):
@@ -214,23 +250,32 @@ def pick_route(best: dict[str, dict[int, float]], kernel: str | None = None) -> 
 
 def cached_route(runner, path: Path, kernel: str | None = None) -> tuple[str, int]:
     """`pick_route` for this machine: from `path` when it was measured before, else measured
-    now (several seconds) and written there. Non-CPU models: ("skinny", 0), nothing measured."""
+    now (several seconds) and written there. The file records which build of the stream kernel
+    was timed: it is measured again when that kernel is available now and was not timed, or
+    was timed in another build; when it is not available (not built, or a non-fp32 model) its
+    timings are set aside. Non-CPU models: ("skinny", 0), nothing measured."""
     if runner.device.type != "cpu":
         return "skinny", 0
+    available = stream_available(runner)
+    current = stream_key() if available else None
     best = None
     try:
         data = json.loads(path.read_text())
         best = {arm: {int(n): float(t) for n, t in times.items()} for arm, times in data["timings"].items()}
+        if available and data.get("stream") != current:
+            best = None  # the stream kernel untimed, or timed in another build of it
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
-    if best is None or ("stream" in best) != stream_available(runner):
+        best = None
+    if best is None:
         best = measure_routes(runner)
         chosen = pick_route(best)
         table = ", ".join(f"{n}:" + "/".join(f"{best[a][n] * 1e3:.0f}" for a in best) for n in sorted(best["stock"]))
         log.info("matmul ms by rows (%s): %s -> %s for 2..%d rows", "/".join(best), table, *chosen)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(path, json.dumps({"route": chosen, "timings": best}).encode())
+            write_atomically(path, json.dumps({"route": chosen, "timings": best, "stream": current}).encode())
         except OSError as exc:
             log.warning("could not cache the matmul route at %s: %s", path, exc)
+    if not available:
+        best.pop("stream", None)
     return pick_route(best, kernel)

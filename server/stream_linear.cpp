@@ -70,17 +70,20 @@ constexpr int features_per_block() {
 }
 
 // y[r, f0 + j] for r < R, j < F: weight rows w[j] (length K), input rows x[r] (stride ldx).
+// `ahead`: how many weight floats follow w (the prefetch stays inside the weight).
 template <int R, int F>
-inline void dot_block(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy, int64_t f0) {
+inline void dot_block(const float* x, int64_t ldx, const float* w, int64_t K, int64_t ahead, float* y, int64_t ldy, int64_t f0) {
   typename Vec::T acc[F][R];
   for (int j = 0; j < F; ++j)
     for (int r = 0; r < R; ++r) acc[j][r] = Vec::zero();
+  // prefetch the next block's rows, which keeps the memory busy; the last block re-touches its own
+  const float* next = 2 * F * K <= ahead ? w + F * K : w;
   int64_t k = 0;
   for (; k + Vec::width <= K; k += Vec::width) {
     typename Vec::T wv[F];
     for (int j = 0; j < F; ++j) {
       wv[j] = Vec::load(w + j * K + k);
-      __builtin_prefetch(w + (j + F) * K + k);  // the next block's rows: keeps the memory busy
+      __builtin_prefetch(next + j * K + k);
     }
     for (int r = 0; r < R; ++r) {
       typename Vec::T xv = Vec::load(x + r * ldx + k);
@@ -98,17 +101,17 @@ inline void dot_block(const float* x, int64_t ldx, const float* w, int64_t K, fl
 
 // A row group of n <= Vec::group rows against F weight rows at f.
 template <int F>
-void dot_group(int64_t n, const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy, int64_t f) {
+void dot_group(int64_t n, const float* x, int64_t ldx, const float* w, int64_t K, int64_t ahead, float* y, int64_t ldy, int64_t f) {
   switch (n) {
-    case 1: return dot_block<1, F>(x, ldx, w, K, y, ldy, f);
-    case 2: return dot_block<2, F>(x, ldx, w, K, y, ldy, f);
-    case 3: return dot_block<3, F>(x, ldx, w, K, y, ldy, f);
-    case 4: return dot_block<4, F>(x, ldx, w, K, y, ldy, f);
+    case 1: return dot_block<1, F>(x, ldx, w, K, ahead, y, ldy, f);
+    case 2: return dot_block<2, F>(x, ldx, w, K, ahead, y, ldy, f);
+    case 3: return dot_block<3, F>(x, ldx, w, K, ahead, y, ldy, f);
+    case 4: return dot_block<4, F>(x, ldx, w, K, ahead, y, ldy, f);
 #if defined(__AVX512F__)
-    case 5: return dot_block<5, F>(x, ldx, w, K, y, ldy, f);
-    case 6: return dot_block<6, F>(x, ldx, w, K, y, ldy, f);
-    case 7: return dot_block<7, F>(x, ldx, w, K, y, ldy, f);
-    case 8: return dot_block<8, F>(x, ldx, w, K, y, ldy, f);
+    case 5: return dot_block<5, F>(x, ldx, w, K, ahead, y, ldy, f);
+    case 6: return dot_block<6, F>(x, ldx, w, K, ahead, y, ldy, f);
+    case 7: return dot_block<7, F>(x, ldx, w, K, ahead, y, ldy, f);
+    case 8: return dot_block<8, F>(x, ldx, w, K, ahead, y, ldy, f);
 #endif
     default: TORCH_CHECK(false, "stream_linear: bad row group ", n);
   }
@@ -122,9 +125,11 @@ void features_pass(const float* x, int64_t rows, const float* w, int64_t K, floa
   constexpr int F = features_per_block<G>();
   int64_t f = f0;
   for (; f + F <= f1; f += F)
-    for (int64_t r = 0; r < rows; r += G) dot_group<F>(std::min<int64_t>(G, rows - r), x + r * K, K, w + f * K, K, y + r * N, N, f);
+    for (int64_t r = 0; r < rows; r += G)
+      dot_group<F>(std::min<int64_t>(G, rows - r), x + r * K, K, w + f * K, K, (N - f) * K, y + r * N, N, f);
   for (; f < f1; ++f)
-    for (int64_t r = 0; r < rows; r += G) dot_group<1>(std::min<int64_t>(G, rows - r), x + r * K, K, w + f * K, K, y + r * N, N, f);
+    for (int64_t r = 0; r < rows; r += G)
+      dot_group<1>(std::min<int64_t>(G, rows - r), x + r * K, K, w + f * K, K, (N - f) * K, y + r * N, N, f);
 }
 
 using Pass = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t);
@@ -150,7 +155,10 @@ constexpr int64_t kGrain = 64;  // output features per thread at least
 torch::Tensor stream_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "stream_linear: CPU tensors only");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32, "stream_linear: fp32 only");
-  TORCH_CHECK(weight.dim() == 2 && x.size(-1) == weight.size(1), "stream_linear: shapes do not match");
+  TORCH_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1), "stream_linear: shapes do not match");
+  TORCH_CHECK(weight.size(1) > 0, "stream_linear: empty rows");
+  TORCH_CHECK(!bias.has_value() || !bias->defined() || (bias->dim() == 1 && bias->size(0) == weight.size(0)),
+              "stream_linear: bias must have one value per output feature");
   auto x2 = x.reshape({-1, x.size(-1)}).contiguous();
   auto w = weight.contiguous();
   const int64_t rows = x2.size(0), K = x2.size(1), N = w.size(0);
@@ -171,6 +179,8 @@ torch::Tensor stream_linear(const torch::Tensor& x, const torch::Tensor& weight,
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("stream_linear", &stream_linear, "y = x @ weight.T (+ bias) for few rows, fp32 CPU");
+  // the GIL is released: the kernel touches no Python object, and the server's other threads run meanwhile
+  m.def("stream_linear", &stream_linear, "y = x @ weight.T (+ bias) for few rows, fp32 CPU",
+        py::call_guard<py::gil_scoped_release>());
   m.attr("vector_width") = Vec::width;
 }

@@ -1,5 +1,9 @@
 """The CPU few-row matmul kernels: same products as F.linear, switched in and out in place."""
 
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,19 +101,24 @@ def test_stream_kernel_equals_f_linear(stream_kernel, shape, bias):
 
 
 def test_stream_kernel_rows_do_not_depend_on_their_neighbours(stream_kernel):
-    """Each row's result is bit for bit the same alone or among others (any group split)."""
+    """Each row's result is bit for bit the same alone or among others, for every row count
+    (every group split) and with K and N leaving tails (577 = 36 * 16 + 1; 131 features)."""
     torch.manual_seed(2)
-    w = torch.randn(200, 576)
-    x = torch.randn(20, 576)
+    w = torch.randn(131, 577)
+    x = torch.randn(20, 577)
     together = stream_kernel.stream_linear(x, w, None)
+    for n in range(1, 21):
+        assert torch.equal(stream_kernel.stream_linear(x[:n], w, None), together[:n]), f"{n} rows"
     for r in range(20):
         assert torch.equal(stream_kernel.stream_linear(x[r : r + 1], w, None), together[r : r + 1])
     assert torch.equal(stream_kernel.stream_linear(x[3:12], w, None), together[3:12])
     # a non-contiguous input gives the same values as its contiguous copy
-    wide = torch.randn(20, 2 * 576)[:, ::2]
+    wide = torch.randn(20, 2 * 577)[:, ::2]
     assert torch.equal(
         stream_kernel.stream_linear(wide, w, None), stream_kernel.stream_linear(wide.contiguous(), w, None)
     )
+    with pytest.raises(RuntimeError, match="one value per output feature"):
+        stream_kernel.stream_linear(x, w, torch.zeros(1))
 
 
 def test_stream_kernel_takes_the_route_and_rejects_what_it_cannot_run(stream_kernel, monkeypatch):
@@ -141,3 +150,94 @@ def test_pick_route_takes_the_kernel_with_the_longer_range():
     faster = {n: 0.9 * t for n, t in stream.items()}
     assert matmul.pick_route({"stock": stock, "skinny": stream, "stream": faster}) == ("stream", 32)
     assert matmul.pick_route({"stock": stock, "skinny": faster, "stream": stream}) == ("skinny", 32)
+
+
+def test_a_failed_build_leaves_the_kernel_off_with_the_reason_logged(tmp_path, monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*_a, **_k):
+        raise RuntimeError("Error building extension 'x'\nc++: command not found")
+
+    monkeypatch.setattr(matmul, "_stream", None)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    with caplog.at_level("WARNING", logger=matmul.log.name):
+        assert matmul.load_stream(tmp_path) is None
+    assert "c++: command not found" in caplog.text
+    assert not matmul.stream_available()
+    with pytest.raises(RuntimeError, match="not built"):
+        matmul.install(nn.Linear(4, 4), max_rows=8, kernel="stream")
+
+
+def test_the_build_uses_its_own_source_copy_and_clears_a_stale_lock(tmp_path, monkeypatch):
+    """A build killed half-way leaves torch's lock file; the next start must not wait on it forever."""
+    import os
+    import time
+
+    from torch.utils import cpp_extension
+
+    seen = {}
+
+    def fake_load(name, sources, **kwargs):
+        seen.update(name=name, sources=sources, lock=(Path(kwargs["build_directory"]) / "lock").exists())
+        return "built"
+
+    monkeypatch.setattr(matmul, "_stream", None)
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    directory = tmp_path / f"stream-{matmul.stream_key()}"
+    directory.mkdir()
+    (directory / "lock").touch()
+    old = time.time() - 2 * matmul.STALE_LOCK_S
+    os.utime(directory / "lock", (old, old))
+    assert matmul.load_stream(tmp_path) == "built"
+    assert seen["sources"] == [str(directory / "stream_linear.cpp")] and not seen["lock"]
+    assert (directory / "stream_linear.cpp").read_bytes() == matmul.SOURCE.read_bytes()
+    # a fresh lock (another process building right now) is left alone
+    monkeypatch.setattr(matmul, "_stream", None)
+    (directory / "lock").touch()
+    matmul.load_stream(tmp_path)
+    assert seen["lock"]
+
+
+TIMINGS = {
+    "stock": {1: 1.0, 2: 1.0, 4: 1.6, 8: 2.0},
+    "skinny": {1: 1.0, 2: 0.9, 4: 1.2, 8: 1.5},
+    "stream": {1: 1.0, 2: 0.9, 4: 1.0, 8: 1.1},
+}
+
+
+def _cpu_runner(dtype=torch.float32):
+    return SimpleNamespace(device=torch.device("cpu"), model=nn.Linear(2, 2).to(dtype))
+
+
+def test_cached_route_sets_stream_timings_aside_when_the_kernel_is_not_available(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        matmul, "measure_routes", lambda runner: calls.append(1) or {k: dict(v) for k, v in TIMINGS.items()}
+    )
+    path = tmp_path / "route.json"
+    monkeypatch.setattr(matmul, "_stream", None)
+    path.write_text(json.dumps({"route": ["stream", 8], "timings": TIMINGS, "stream": "another-build"}))
+    assert matmul.cached_route(_cpu_runner(), path) == ("skinny", 8) and calls == []
+    # available now: a file that timed another build of the kernel is measured again
+    monkeypatch.setattr(matmul, "_stream", object())
+    monkeypatch.setattr(matmul, "stream_key", lambda: "this-build")
+    assert matmul.cached_route(_cpu_runner(), path) == ("stream", 8) and calls == [1]
+    assert json.loads(path.read_text())["stream"] == "this-build"
+    assert matmul.cached_route(_cpu_runner(), path) == ("stream", 8) and calls == [1]
+    # a model the kernel cannot run (bf16) reads the same file without it
+    assert matmul.cached_route(_cpu_runner(torch.bfloat16), path) == ("skinny", 8) and calls == [1]
+
+
+def test_matmul_route_respects_the_flags_before_building_anything(tmp_path, monkeypatch):
+    from trieserve.server.builder import matmul_route
+    from trieserve.server.settings import Settings
+
+    monkeypatch.setattr(matmul, "load_stream", lambda *_a: pytest.fail("built the kernel"))
+    off = Settings(skinny_rows=0, cache_dir=tmp_path)
+    assert matmul_route(off, _cpu_runner(), "m") == (0, "skinny")
+    with pytest.raises(ValueError, match="float32 models only"):
+        matmul_route(Settings(matmul_kernel="stream", dtype="bfloat16", cache_dir=tmp_path), _cpu_runner(), "m")
+    forced = Settings(matmul_kernel="skinny", skinny_rows=6, cache_dir=tmp_path)
+    assert matmul_route(forced, _cpu_runner(), "m") == (6, "skinny")
+    gpu = SimpleNamespace(device=torch.device("cuda"), model=None)
+    assert matmul_route(Settings(cache_dir=tmp_path), gpu, "m") == (0, "skinny")
