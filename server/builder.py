@@ -132,7 +132,7 @@ def _hardware_key(settings: Settings, runner: ModelRunner, model_tag: str, route
     if device.type == "cuda":
         hardware = torch.cuda.get_device_name(device)
     else:
-        hardware = f"{platform.machine()}:{_cpu_model()}:{torch.get_num_threads()}threads"
+        hardware = f"{platform.machine()}:{matmul.cpu_signature()}:{torch.get_num_threads()}threads"
     key = f"{model_tag}|{runner.vocab_size}|{runner.num_layers}|{settings.dtype}|{hardware}|torch{torch.__version__}"
     key += "|lean" if runner.lean is not None else "|transformers"
     if route:
@@ -140,13 +140,3 @@ def _hardware_key(settings: Settings, runner: ModelRunner, model_tag: str, route
         if runner.matmul_kernel == "stream" and runner.skinny_rows:
             key += f"|{matmul.stream_key()}"  # another build of the kernel: another ladder
     return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()

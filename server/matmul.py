@@ -64,7 +64,7 @@ STALE_LOCK_S = 600.0  # a build lock this old was left by a build that was kille
 
 def stream_key() -> str:
     """What the built kernel depends on: its source, torch, and this CPU (-march=native)."""
-    salt = f"|{torch.__version__}|{platform.machine()}|{_cpu_signature()}|openmp"
+    salt = f"|{torch.__version__}|{platform.machine()}|{cpu_signature()}|openmp"
     return hashlib.sha256(SOURCE.read_bytes() + salt.encode()).hexdigest()[:12]
 
 
@@ -126,7 +126,7 @@ def _ninja_on_path() -> None:
             pass
 
 
-def _cpu_signature() -> str:
+def cpu_signature() -> str:
     """The first CPU's model name and instruction-set flags (x86 `flags`, Arm `Features`)."""
     lines: list[str] = []
     try:
