@@ -17,9 +17,10 @@ With --rounds N, the arms of each point alternate in N rounds (off, on, on, off,
 each arm's rounds add up to its record: on a shared machine whose speed drifts over minutes,
 a comparison then does not depend on which arm happened to run in the faster minutes.
 
-Each run (sweep point, compare arm, round) gets its own prompts from one seeded stream unless
---reuse-prompts: the server's trie keeps what it generated, so replaying the same prompts
-would let a later run draft from an earlier run's outputs.
+Each run (sweep point and compare arm) gets its own prompts unless --reuse-prompts: the
+server's trie keeps what it generated, so replaying the same prompts would let a later run
+draft from an earlier run's outputs. The runs' prompts are dealt from one seeded pool by
+length (`deal`), so no run gets longer prompts, and a costlier prefill, than another.
 """
 
 from __future__ import annotations
@@ -638,43 +639,68 @@ class Plan:
     save_detailed: bool = False
 
 
+def rough_tokens(text: str) -> int:
+    """A tokenizer-free stand-in for a prompt's token count: words and punctuation marks."""
+    return len(re.findall(r"\w+|[^\w\s]", text))
+
+
+def deal(pool: Sequence[str], hands: int, rng: random.Random) -> list[list[str]]:
+    """Deal `pool` into `hands` disjoint hands of equal size and matched prompt lengths: the
+    prompts, ranked by `rough_tokens`, go out in groups of `hands`, one to each hand in a random
+    order, and each hand is then shuffled. Runs that compare arms or concurrencies then differ
+    in their prompts (no run drafts from another's outputs) but not in how long they are."""
+    size = len(pool) // hands
+    ranked = sorted(range(len(pool)), key=lambda i: (rough_tokens(pool[i]), i))
+    dealt: list[list[str]] = [[] for _ in range(hands)]
+    for g in range(size):
+        group = ranked[g * hands : (g + 1) * hands]
+        rng.shuffle(group)
+        for out, i in zip(dealt, group, strict=True):
+            out.append(pool[i])
+    for out in dealt:
+        rng.shuffle(out)
+    return dealt
+
+
 async def run_plan(client: httpx.AsyncClient, target: Target, plan: Plan, report: bool = True) -> list[dict]:
     """Run every load point with every arm, one record per (point, arm). With `rounds` > 1 the
     arms of a point alternate in rounds (ABBA order: off, on, on, off, ...), each round with its
     share of the prompts and of `max_duration`, and each arm's rounds are summed into its
     record, so a machine that speeds up or slows down during the run biases no arm. The
-    warm-up runs once per point and arm, before the first round."""
+    warm-up runs once per point and arm, before the first round. Each (point, arm) run draws
+    its warm-up and rounds from its own hand of length-matched prompts (see `deal`)."""
     rounds = max(1, plan.rounds)
     per_round = math.ceil(plan.num_prompts / rounds)
     n_runs = len(plan.points) * len(plan.arms)
+    hand = plan.num_warmup + per_round * rounds
     pool = make_prompts(
         plan.dataset,
-        (plan.num_warmup + per_round * rounds) * (1 if plan.reuse_prompts else n_runs),
+        hand * (1 if plan.reuse_prompts else n_runs),
         seed=plan.seed,
         input_len=plan.input_len,
         dataset_path=plan.dataset_path,
     )
-    used = 0
+    hands = [pool] * n_runs if plan.reuse_prompts else deal(pool, n_runs, random.Random(plan.seed))
+    used = [0] * n_runs
 
-    def take(n: int) -> list[str]:
-        nonlocal used
-        if plan.reuse_prompts:
-            return pool[:n]
-        out, used = pool[used : used + n], used + n
+    def take(run: int, n: int) -> list[str]:
+        out = hands[run][used[run] : used[run] + n]
+        used[run] += n
         return out
 
     records = []
-    for point in plan.points:
+    for p, point in enumerate(plan.points):
         runs: dict[bool | None, dict] = {arm: {"results": [], "duration": 0.0, "counters": {}} for arm in plan.arms}
         for r in range(rounds):
             for arm in plan.arms if r % 2 == 0 else plan.arms[::-1]:
+                run_index = p * len(plan.arms) + plan.arms.index(arm)
                 desc = _run_label(point, arm)
                 if rounds > 1:
                     desc += f" round {r + 1}/{rounds}"
                 if r == 0 and plan.num_warmup:
                     warmup = LoadPoint(concurrency=point.concurrency or 1)
-                    await run_load(client, target, warmup, take(plan.num_warmup), lookahead=arm)
-                measured = take(per_round)[: max(0, plan.num_prompts - r * per_round)]
+                    await run_load(client, target, warmup, take(run_index, plan.num_warmup), lookahead=arm)
+                measured = take(run_index, per_round)[: max(0, plan.num_prompts - r * per_round)]
                 before = await scrape(client, plan.metrics_url)
                 results, duration = await run_load(
                     client,

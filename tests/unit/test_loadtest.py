@@ -216,6 +216,27 @@ def test_sharegpt_first_human_turn_shuffled_and_cycled(tmp_path):
         lt.make_prompts("sharegpt", 1, seed=0)
 
 
+def test_deal_gives_disjoint_hands_of_matched_length():
+    pool = lt.make_prompts("copy", 10 * 40, seed=3, input_len=300)
+    hands = lt.deal(pool, 10, random.Random(3))
+    assert [len(h) for h in hands] == [40] * 10
+    assert sorted(p for h in hands for p in h) == sorted(pool)  # every prompt dealt once
+    assert hands == lt.deal(pool, 10, random.Random(3))  # seeded
+    # each group of 10 length-ranked prompts sends one to each hand, so the hands' mean
+    # lengths differ by less than the largest gap between neighbouring ranks would allow
+    ranked = sorted(lt.rough_tokens(p) for p in pool)
+    means = [statistics.mean(lt.rough_tokens(p) for p in h) for h in hands]
+    group_spread = statistics.mean(ranked[g * 10 + 9] - ranked[g * 10] for g in range(40))
+    assert max(means) - min(means) <= group_spread
+    sliced = [statistics.mean(lt.rough_tokens(p) for p in pool[i * 40 : (i + 1) * 40]) for i in range(10)]
+    assert max(means) - min(means) < max(sliced) - min(sliced)  # consecutive slices match worse
+
+
+def test_rough_tokens_counts_words_and_marks():
+    assert lt.rough_tokens("def f(x): return x+1") == 10
+    assert lt.rough_tokens("") == 0
+
+
 def test_poisson_arrivals_mean_rate():
     times = lt.arrival_times(20000, rate=5.0, rng=random.Random(0))
     assert times == sorted(times)
@@ -451,11 +472,13 @@ def test_cli_compare_sweep_end_to_end(fake_server, tmp_path, capsys):
     # 4 runs x (1 warm-up + 4) requests, each with the arm's lookahead field
     flags = [b["lookahead"] for b in state.bodies]
     assert flags == ([False] * 5 + [True] * 5) * 2
-    # a fresh slice of prompts per run unless --reuse-prompts
+    # a hand of prompts per run unless --reuse-prompts, dealt from one seeded pool by length
     sent = [b["messages"][0]["content"] for b in state.bodies]
-    expected = lt.make_prompts("chat", 20, seed=5)
-    for run in range(4):  # requests of one run may arrive in any order, runs are sequential
-        assert sorted(sent[run * 5 : run * 5 + 5]) == sorted(expected[run * 5 : run * 5 + 5])
+    hands = lt.deal(lt.make_prompts("chat", 20, seed=5), 4, random.Random(5))
+    for run in range(4):  # the warm-up comes first; then requests of one run arrive in any order
+        assert sent[run * 5] == hands[run][0]
+        assert sorted(sent[run * 5 + 1 : run * 5 + 5]) == sorted(hands[run][1:])
+    assert sorted(sent) == sorted(lt.make_prompts("chat", 20, seed=5))
     printed = capsys.readouterr().out
     assert "Output token throughput (tok/s):" in printed and "out tok/s on/off" in printed
 
