@@ -122,3 +122,29 @@ def choose_token(
         return int(torch.argmax(logits))
     probs = warp(logits, params).softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log-probability and the `top` most likely tokens at its position."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    """Log-probabilities of `tokens` under the model's raw next-token distributions.
+
+    logits: [n, V], row i the logits `tokens[i]` was chosen from (before penalties, temperature
+    and truncation, as vLLM's default raw logprobs). `top`: how many alternatives per position,
+    most likely first. One log-softmax in fp32 and one transfer for all rows.
+    """
+    lp = torch.log_softmax(logits[: len(tokens)].float(), dim=-1)
+    chosen = lp[torch.arange(len(tokens)), torch.tensor(list(tokens), dtype=torch.long, device=lp.device)].tolist()
+    if top > 0:
+        values, ids = lp.topk(top, dim=-1)
+        alts = [tuple(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    else:
+        alts = [()] * len(tokens)
+    return [TokenLogprob(t, c, a) for t, c, a in zip(tokens, chosen, alts, strict=True)]

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from trieserve.decoding.sampling import SamplingParams
+from trieserve.decoding.sampling import SamplingParams, TokenLogprob
 from trieserve.server.errors import (
     ContextLengthError,
     InvalidRequestError,
@@ -291,12 +291,8 @@ def _check_text(text: str, param: str) -> None:
 # without them would be a wrong answer with no sign of it, so they get a 400 (param, message)
 def _unsupported(body: SamplingFields) -> tuple[str, str] | None:
     extra = body.model_extra or {}
-    if body.logprobs is not None and body.logprobs is not False:  # completions' 0 asks for them too
-        return "logprobs", "logprobs are not supported"
-    if getattr(body, "top_logprobs", None):
-        return "top_logprobs", "logprobs are not supported"
     if getattr(body, "echo", False):
-        return "echo", "echo is not supported"
+        return "echo", "echo (the prompt's logprobs) is not supported"
     if getattr(body, "suffix", None):
         return "suffix", "suffix (insertion) is not supported"
     if body.stream_options is not None and not body.stream:
@@ -316,6 +312,27 @@ def _unsupported(body: SamplingFields) -> tuple[str, str] | None:
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         return "response_format", "response_format other than {'type': 'text'} is not supported"
     return None
+
+
+MAX_LOGPROBS = 20  # alternatives per token (vLLM's default limit; OpenAI's is 20 for chat)
+
+
+def _logprobs_wanted(body: SamplingFields) -> int | None:
+    """How many alternatives per token the request asks for (0: the chosen token's only), or
+    None for no logprobs. Chat: `logprobs: true` with `top_logprobs`; completions: `logprobs: k`."""
+    if isinstance(body, ChatCompletionRequest):
+        top = body.top_logprobs
+        if top is not None and not 0 <= top <= MAX_LOGPROBS:
+            raise InvalidRequestError(f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {top}", "top_logprobs")
+        if not body.logprobs:
+            if top:
+                raise InvalidRequestError("top_logprobs needs logprobs: true", "top_logprobs")
+            return None
+        return top or 0
+    k = getattr(body, "logprobs", None)
+    if k is not None and not 0 <= k <= MAX_LOGPROBS:
+        raise InvalidRequestError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {k}", "logprobs")
+    return k
 
 
 def _generation_request(
@@ -351,6 +368,7 @@ def _generation_request(
     unsupported = _unsupported(body)
     if unsupported is not None:
         raise InvalidRequestError(unsupported[1], unsupported[0])
+    logprobs = _logprobs_wanted(body)
     for stop in body.stop_list():
         _check_text(stop, "stop")
     extra = sorted(set(body.model_extra or {}))
@@ -365,10 +383,50 @@ def _generation_request(
         kv_policy=body.kv_policy,
         kv_budget=body.kv_budget,
         ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
     )
 
 
 # ---- responses -----------------------------------------------------------------------------
+class _Logprobs:
+    """OpenAI's logprobs objects for one response, built chunk by chunk: chat's
+    {"content": [{token, logprob, bytes, top_logprobs}]} or the completions API's
+    {tokens, token_logprobs, top_logprobs, text_offset} (offsets into the completion text)."""
+
+    def __init__(self, tokenizer, chat: bool) -> None:
+        self.tokenizer = tokenizer
+        self.chat = chat
+        self.offset = 0
+
+    def _text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _entry(self, token_id: int, logprob: float) -> dict:
+        text = self._text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def format(self, items: list[TokenLogprob]) -> dict:
+        if self.chat:
+            return {
+                "content": [
+                    {**self._entry(i.token, i.logprob), "top_logprobs": [self._entry(t, lp) for t, lp in i.top]}
+                    for i in items
+                ]
+            }
+        tokens = [self._text(i.token) for i in items]
+        offsets = []
+        for text in tokens:
+            offsets.append(self.offset)
+            self.offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [i.logprob for i in items],
+            # the chosen token is always among a position's top entries (as vLLM's)
+            "top_logprobs": [{self._text(t): lp for t, lp in [*i.top, (i.token, i.logprob)]} for i in items],
+            "text_offset": offsets,
+        }
+
+
 async def _respond(request: Request, state, engine, body: SamplingFields, gen: GenerationRequest, chat: bool):
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
@@ -378,10 +436,12 @@ async def _respond(request: Request, state, engine, body: SamplingFields, gen: G
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         timeout = state.settings.request_timeout_s
-        stream = _stream(events, seq, rid, created, state.model_name, chat, include_usage, timeout)
+        formatter = _Logprobs(state.tokenizer, chat) if gen.logprobs is not None else None
+        stream = _stream(events, seq, rid, created, state.model_name, chat, include_usage, timeout, formatter)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     text: list[str] = []
+    logprobs: list[TokenLogprob] = []
     deadline = loop.time() + state.settings.request_timeout_s
     next_poll = loop.time() + 0.25
     try:
@@ -402,6 +462,7 @@ async def _respond(request: Request, state, engine, body: SamplingFields, gen: G
                 continue
             if isinstance(ev, Delta):
                 text.append(ev.text)
+                logprobs += ev.logprobs or []
             elif isinstance(ev, Failure):
                 raise ev.error
             elif isinstance(ev, Finish):
@@ -410,10 +471,11 @@ async def _respond(request: Request, state, engine, body: SamplingFields, gen: G
         seq.cancelled.set()
         raise
     content = "".join(text)
+    lp = _Logprobs(state.tokenizer, chat).format(logprobs) if gen.logprobs is not None else None
     choice = (
-        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": ev.reason, "logprobs": None}
+        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": ev.reason, "logprobs": lp}
         if chat
-        else {"index": 0, "text": content, "finish_reason": ev.reason, "logprobs": None}
+        else {"index": 0, "text": content, "finish_reason": ev.reason, "logprobs": lp}
     )
     return {
         "id": rid,
@@ -426,10 +488,14 @@ async def _respond(request: Request, state, engine, body: SamplingFields, gen: G
     }
 
 
-async def _stream(events, seq, rid, created, model, chat, include_usage, timeout_s) -> AsyncIterator[str]:
+async def _stream(
+    events, seq, rid, created, model, chat, include_usage, timeout_s, formatter: _Logprobs | None = None
+) -> AsyncIterator[str]:
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(delta_text: str | None, finish_reason: str | None, first: bool = False, **extra) -> str:
+    def chunk(
+        delta_text: str | None, finish_reason: str | None, first: bool = False, logprobs: dict | None = None, **extra
+    ) -> str:
         if chat:
             delta = (
                 {"role": "assistant", "content": delta_text or ""}
@@ -438,9 +504,9 @@ async def _stream(events, seq, rid, created, model, chat, include_usage, timeout
                 if delta_text
                 else {}
             )
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": delta_text or "", "finish_reason": finish_reason, "logprobs": None}
+            choice = {"index": 0, "text": delta_text or "", "finish_reason": finish_reason, "logprobs": logprobs}
         payload = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice], **extra}
         return f"data: {json.dumps(payload)}\n\n"
 
@@ -454,8 +520,9 @@ async def _stream(events, seq, rid, created, model, chat, include_usage, timeout
             except asyncio.TimeoutError:
                 ev = Failure(RequestTimeoutError(f"the request did not finish within {timeout_s:g} s"))
             if isinstance(ev, Delta):
-                if ev.text:
-                    yield chunk(ev.text, None)
+                if ev.text or ev.logprobs:
+                    logprobs = formatter.format(ev.logprobs) if formatter is not None and ev.logprobs else None
+                    yield chunk(ev.text, None, logprobs=logprobs)
             elif isinstance(ev, Failure):
                 err = ev.error
                 body = (

@@ -307,7 +307,7 @@ class Engine:
             self.speculator.admit(seq)
         token = choose_token(logits, seq.params, seq.prompt_ids, seq.output_ids, seq.generator)
         seq.stats.prefill_s += time.perf_counter() - start
-        seq.append([token])
+        seq.append([token], logits.reshape(1, -1))
         seq.pending_token = token
         seq.first_token_at = time.monotonic()
         if self.metrics is not None:
@@ -342,15 +342,17 @@ class Engine:
         emitted = 0
         for seq, tree, rows in zip(seqs, trees, logits[: len(seqs)], strict=True):
             if seq.lookahead:
-                tokens, accepted = self.speculator.accept(seq, tree, rows)
+                tokens, kept = self.speculator.accept(seq, tree, rows)
             else:
                 seq.logical_len += 1
                 tokens = [choose_token(rows[0], seq.params, seq.prompt_ids, seq.output_ids, seq.generator)]
-                accepted = 0
+                kept = []
+            accepted = len(kept)
             seq.stats.forward_passes += 1
             seq.stats.draft_tokens += len(tree)
             seq.stats.accepted_tokens += accepted
-            used = seq.append(tokens)
+            # token i was chosen from the row of its parent: the root, then each accepted node
+            used = seq.append(tokens, rows[[0, *kept]] if seq.request.logprobs is not None else None)
             emitted += len(tokens)
             seq.pending_token = tokens[-1]
             seq.stats.decode_s += time.perf_counter() - start

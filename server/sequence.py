@@ -11,7 +11,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from trieserve.decoding.sampling import SamplingParams
+import torch
+from trieserve.decoding.sampling import SamplingParams, TokenLogprob, token_logprobs
 
 
 @dataclass
@@ -26,6 +27,7 @@ class GenerationRequest:
     kv_policy: str | None = None
     kv_budget: float | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the top k
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Stats:
 class Delta:
     text: str
     token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None  # the tokens' since the last Delta, when asked
 
 
 @dataclass
@@ -136,14 +139,16 @@ class Sequence:
         self.lookahead = False
         self.max_context = 0  # the model's context length, set by the engine
         self.state: dict = {}  # per-sequence data of the speculation machinery (tries, budgets)
+        self.unsent_logprobs: list[TokenLogprob] = []  # held with their text until it is sent
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def append(self, tokens: list[int]) -> int:
+    def append(self, tokens: list[int], logits: torch.Tensor | None = None) -> int:
         """Take generated tokens in order until one finishes the sequence; returns how many were
-        used. Sends the new text."""
+        used. Sends the new text. `logits` [len(tokens), V]: the rows the tokens were chosen
+        from, for requests that ask for logprobs."""
         used = 0
         for tok in tokens:
             used += 1
@@ -157,9 +162,13 @@ class Sequence:
             if len(self.output_ids) >= self.request.max_tokens:
                 self.finish_reason = "length"
                 break
+        want = self.request.logprobs
+        if want is not None and logits is not None:
+            self.unsent_logprobs += token_logprobs(logits, tokens[:used], want)
         text = self.text.pending(final=self.done)
         if text or self.done:
-            self.emit(Delta(text, tokens[:used]))
+            sent, self.unsent_logprobs = self.unsent_logprobs, []
+            self.emit(Delta(text, tokens[:used], sent if want is not None else None))
         return used
 
     def finish(self, reason: str | None = None) -> None:

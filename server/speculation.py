@@ -197,9 +197,9 @@ class Speculator:
             state.pending.append((len(seq.output_ids), tree, [False] * len(tree)))
         return tree
 
-    def accept(self, seq, tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
+    def accept(self, seq, tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], list[int]]:
         """Verify the step's logits [N+1, V] against the tree, keep the accepted rows in the
-        cache, and return (new tokens, accepted draft tokens)."""
+        cache, and return (new tokens, the packed rows of the accepted draft nodes)."""
         if seq.params.greedy and not seq.params.has_penalties:
             verdict = verify_greedy(tree, logits)
         else:
@@ -208,7 +208,7 @@ class Speculator:
         seq.logical_len += 1 + len(verdict.rows)
         if len(tree) and self.adaptive:
             self.settle(seq, len(verdict.rows))
-        return verdict.tokens, len(verdict.rows)
+        return verdict.tokens, verdict.rows
 
     def settle(self, seq, accepted: int, alpha: float = 0.02) -> None:
         """A verified tree accepted `accepted` draft tokens against its estimate from `plan`."""

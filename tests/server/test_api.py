@@ -153,7 +153,8 @@ def test_unknown_fields_are_ignored(server):
         # OpenAI fields that would change the answer and are not implemented: a 400, not ignored
         ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
         ("/v1/completions", {"prompt": "hi", "suffix": "end"}, 400, "suffix"),
-        ("/v1/completions", {"prompt": "hi", "logprobs": 0}, 400, "logprobs"),
+        ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+        ("/v1/completions", {"prompt": "hi", "logprobs": -1}, 400, "logprobs"),
         ("/v1/completions", {"prompt": "hi", "logit_bias": {"50": -100}}, 400, "logit_bias"),
         ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
         ("/v1/completions", {"prompt": "hi", "best_of": 3}, 400, "best_of"),
@@ -169,6 +170,12 @@ def test_unknown_fields_are_ignored(server):
         (
             "/v1/chat/completions",
             {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3},
+            400,
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
             400,
             "top_logprobs",
         ),
@@ -246,3 +253,91 @@ def test_malformed_json_gets_400(server):
 def test_sdk_raises_bad_request(client):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=[], max_tokens=5)
+
+
+def _reference_logprobs(hf_model, prompt_ids, output_ids):
+    """Log-softmax of one teacher-forced HF forward over prompt + output: row i of the result
+    is the distribution output token i was chosen from."""
+    ids = torch.tensor([prompt_ids + output_ids])
+    with torch.no_grad():
+        logits = hf_model(ids).logits[0, len(prompt_ids) - 1 : -1].float()
+    return torch.log_softmax(logits, -1)
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_chat_logprobs_match_the_model(client, tokenizer, hf_model, lookahead):
+    resp = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct",
+        messages=[{"role": "user", "content": "Repeat exactly: the cat sat on the mat, the cat sat on the mat."}],
+        temperature=0,
+        max_tokens=24,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"lookahead": lookahead, "ignore_eos": True},
+    )
+    choice = resp.choices[0]
+    entries = choice.logprobs.content
+    assert len(entries) == resp.usage.completion_tokens == 24
+    special = set(tokenizer.all_special_tokens)  # the chat template's end marker, shown as in vLLM
+    assert "".join(e.token for e in entries if e.token not in special) == choice.message.content
+    prompt_ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Repeat exactly: the cat sat on the mat, the cat sat on the mat."}],
+        add_generation_prompt=True,
+        tokenize=True,
+    )
+    prompt_ids = list(prompt_ids["input_ids"] if hasattr(prompt_ids, "keys") else prompt_ids)
+    output_ids = [tokenizer.encode(e.token, add_special_tokens=False) for e in entries]
+    assert all(len(ids) == 1 for ids in output_ids)  # each token's text maps back to it
+    output_ids = [ids[0] for ids in output_ids]
+    ref = _reference_logprobs(hf_model, prompt_ids, output_ids)
+    for i, e in enumerate(entries):
+        assert e.logprob <= 0 and e.bytes == list(e.token.encode())
+        assert e.logprob == pytest.approx(float(ref[i, output_ids[i]]), abs=2e-3)
+        top = [t.logprob for t in e.top_logprobs]
+        assert len(top) == 3 and top == sorted(top, reverse=True)
+        # greedy: the chosen token is the most likely one
+        assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == pytest.approx(e.logprob)
+        assert top[0] == pytest.approx(float(ref[i].max()), abs=2e-3)
+    if lookahead:
+        assert resp.model_extra["stats"]["forward_passes"] < 24  # the tokens came in multi-token steps
+
+
+def test_completion_logprobs_streamed_and_not(client):
+    kwargs = dict(model="SmolLM2-135M-Instruct", prompt="def add(a, b):\n    return", max_tokens=10, temperature=0)
+    full = client.completions.create(logprobs=2, **kwargs).choices[0]
+    lp = full.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 10
+    assert "".join(lp.tokens) == full.text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(10)]
+    for tok, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert chosen <= 0 and 2 <= len(top) <= 3 and top[tok] == pytest.approx(chosen)
+        assert max(top.values()) == pytest.approx(chosen)  # greedy
+    streamed = list(client.completions.create(logprobs=2, stream=True, **kwargs))
+    tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    values = [v for c in streamed if c.choices and c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    offsets = [v for c in streamed if c.choices and c.choices[0].logprobs for v in c.choices[0].logprobs.text_offset]
+    assert tokens == lp.tokens and offsets == lp.text_offset
+    assert values == pytest.approx(lp.token_logprobs, abs=1e-4)
+    # logprobs: 0 gives the chosen token's logprob only; without the field there are none
+    zero = client.completions.create(logprobs=0, **kwargs).choices[0].logprobs
+    assert zero.token_logprobs == pytest.approx(lp.token_logprobs, abs=1e-4)
+    assert all(list(top) == [tok] for tok, top in zip(zero.tokens, zero.top_logprobs, strict=True))
+    assert client.completions.create(**kwargs).choices[0].logprobs is None
+
+
+def test_chat_stream_logprobs_cover_every_token(client):
+    chunks = list(
+        client.chat.completions.create(
+            model="SmolLM2-135M-Instruct",
+            messages=CHAT,
+            temperature=0.8,
+            seed=3,
+            max_tokens=20,
+            logprobs=True,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert len(entries) == chunks[-1].usage.completion_tokens
+    assert all(e.logprob <= 0 and e.top_logprobs == [] for e in entries)

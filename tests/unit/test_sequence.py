@@ -1,13 +1,19 @@
 """Stop strings, EOS and max_tokens on the real tokenizer (no model)."""
 
-from trieserve.decoding.sampling import SamplingParams
+import pytest
+import torch
+from trieserve.decoding.sampling import SamplingParams, token_logprobs
 from trieserve.server.sequence import Delta, Finish, GenerationRequest, Sequence, TextTracker
 
 
-def make_seq(tokenizer, stop=(), max_tokens=100, eos=frozenset({2})):
+def make_seq(tokenizer, stop=(), max_tokens=100, eos=frozenset({2}), logprobs=None):
     events = []
     req = GenerationRequest(
-        prompt_ids=[1], max_tokens=max_tokens, params=SamplingParams(temperature=0), stop=list(stop)
+        prompt_ids=[1],
+        max_tokens=max_tokens,
+        params=SamplingParams(temperature=0),
+        stop=list(stop),
+        logprobs=logprobs,
     )
     return Sequence(req, tokenizer, set(eos), events.append), events
 
@@ -45,3 +51,35 @@ def test_max_tokens_cuts_chunk(tokenizer):
     seq, _ = make_seq(tokenizer, max_tokens=3)
     assert seq.append([100, 101, 102, 103, 104]) == 3
     assert seq.finish_reason == "length" and seq.output_ids == [100, 101, 102]
+
+
+def test_token_logprobs_against_log_softmax():
+    logits = torch.tensor([[1.0, 2.0, 3.0, 0.5], [0.5, 0.0, 5.0, -1.0]])
+    out = token_logprobs(logits, [1, 3], top=2)
+    lp = torch.log_softmax(logits, -1)
+    assert [o.token for o in out] == [1, 3]
+    assert out[0].logprob == pytest.approx(float(lp[0, 1])) and out[1].logprob == pytest.approx(float(lp[1, 3]))
+    assert [t for t, _ in out[0].top] == [2, 1] and out[0].top[0][1] == pytest.approx(float(lp[0, 2]))
+    assert [t for t, _ in out[1].top] == [2, 0]
+    assert token_logprobs(logits, [2], top=0)[0].top == ()  # rows past the tokens are not read
+
+
+def test_logprobs_travel_with_their_text_and_stop_with_the_tokens(tokenizer):
+    ids = tokenizer.encode(" alpha beta gamma delta", add_special_tokens=False)
+    vocab = len(tokenizer)
+    logits = torch.randn(len(ids), vocab, generator=torch.Generator().manual_seed(0))
+    seq, events = make_seq(tokenizer, stop=["ta gam"], logprobs=1)
+    # one token at a time: text held back as a possible stop string keeps its logprobs with it
+    used = sum(seq.append([tok], logits[i : i + 1]) for i, tok in enumerate(ids) if not seq.done)
+    deltas = [e for e in events if isinstance(e, Delta)]
+    got = [lp for d in deltas for lp in d.logprobs]
+    assert [lp.token for lp in got] == ids[:used] == seq.output_ids
+    for d in deltas:  # a Delta carries the logprobs of tokens whose text it is (or is part of)
+        assert d.logprobs or not d.text
+    assert [lp.logprob for lp in got] == pytest.approx(
+        [float(torch.log_softmax(logits[i], -1)[ids[i]]) for i in range(used)]
+    )
+    # without the request asking, no logprobs are computed or sent
+    seq, events = make_seq(tokenizer)
+    seq.append(ids, logits)
+    assert all(e.logprobs is None for e in events if isinstance(e, Delta))
