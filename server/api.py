@@ -80,7 +80,8 @@ def create_app(state: ServerState) -> FastAPI:
         _check_model(body, state)
         prompt_ids = _completion_prompt(body, state)
         gen = _generation_request(body, prompt_ids, body.max_tokens, state, "prompt")
-        return await _respond(request, state, engine, body, gen, chat=False)
+        echo = _prompt_text(body, prompt_ids, state) if body.echo else None
+        return await _respond(request, state, engine, body, gen, chat=False, echo=echo)
 
     @app.post("/v1/chat/completions", responses=_generation_responses(ChatCompletionResponse))
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -276,6 +277,16 @@ def _completion_prompt(body: CompletionRequest, state: ServerState) -> list[int]
     return list(prompt)
 
 
+def _prompt_text(body: CompletionRequest, prompt_ids: list[int], state: ServerState) -> str:
+    """The prompt as `echo` repeats it: the client's text, or its token ids decoded."""
+    prompt = (
+        body.prompt[0]
+        if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str)
+        else body.prompt
+    )
+    return prompt if isinstance(prompt, str) else state.tokenizer.decode(prompt_ids)
+
+
 def _check_text(text: str, param: str) -> None:
     """JSON can carry strings that are not text (a lone UTF-16 surrogate, "\\ud800"): a 400."""
     try:
@@ -291,8 +302,6 @@ def _check_text(text: str, param: str) -> None:
 # without them would be a wrong answer with no sign of it, so they get a 400 (param, message)
 def _unsupported(body: SamplingFields) -> tuple[str, str] | None:
     extra = body.model_extra or {}
-    if getattr(body, "echo", False):
-        return "echo", "echo (the prompt's logprobs) is not supported"
     if getattr(body, "suffix", None):
         return "suffix", "suffix (insertion) is not supported"
     if body.stream_options is not None and not body.stream:
@@ -369,6 +378,12 @@ def _generation_request(
     if unsupported is not None:
         raise InvalidRequestError(unsupported[1], unsupported[0])
     logprobs = _logprobs_wanted(body)
+    echo = getattr(body, "echo", False)
+    if max_tokens == 0 and not echo:
+        raise InvalidRequestError("max_tokens must be at least 1 (0 only with echo)", "max_tokens")
+    if echo and logprobs is not None and (body.kv_policy or state.settings.kv_policy) != "full":
+        # an evicting prefill scores and drops entries chunk by chunk: its rows are not the model's
+        raise InvalidRequestError("echo with logprobs needs kv_policy 'full' (the prompt's logprobs)", "echo")
     for stop in body.stop_list():
         _check_text(stop, "stop")
     extra = sorted(set(body.model_extra or {}))
@@ -384,6 +399,7 @@ def _generation_request(
         kv_budget=body.kv_budget,
         ignore_eos=body.ignore_eos,
         logprobs=logprobs,
+        prompt_logprobs=logprobs if echo else None,
     )
 
 
@@ -404,6 +420,17 @@ class _Logprobs:
     def _entry(self, token_id: int, logprob: float) -> dict:
         text = self._text(token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def format_prompt(self, prompt_ids: list[int], items: list[TokenLogprob]) -> dict:
+        """The completions API's logprobs of an echoed prompt: its first token has none."""
+        rest = self.format(items)
+        first = self._text(prompt_ids[0])
+        rest["tokens"].insert(0, first)
+        rest["token_logprobs"].insert(0, None)
+        rest["top_logprobs"].insert(0, None)
+        rest["text_offset"] = [0] + [o + len(first) for o in rest["text_offset"]]
+        self.offset += len(first)
+        return rest
 
     def format(self, items: list[TokenLogprob]) -> dict:
         if self.chat:
@@ -427,7 +454,9 @@ class _Logprobs:
         }
 
 
-async def _respond(request: Request, state, engine, body: SamplingFields, gen: GenerationRequest, chat: bool):
+async def _respond(
+    request: Request, state, engine, body: SamplingFields, gen: GenerationRequest, chat: bool, echo: str | None = None
+):
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     seq = engine.submit(gen, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
@@ -437,11 +466,12 @@ async def _respond(request: Request, state, engine, body: SamplingFields, gen: G
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         timeout = state.settings.request_timeout_s
         formatter = _Logprobs(state.tokenizer, chat) if gen.logprobs is not None else None
-        stream = _stream(events, seq, rid, created, state.model_name, chat, include_usage, timeout, formatter)
+        stream = _stream(events, seq, rid, created, state.model_name, chat, include_usage, timeout, formatter, echo)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    text: list[str] = []
+    text: list[str] = [echo or ""]
     logprobs: list[TokenLogprob] = []
+    prompt_logprobs: list[TokenLogprob] = []
     deadline = loop.time() + state.settings.request_timeout_s
     next_poll = loop.time() + 0.25
     try:
@@ -463,6 +493,7 @@ async def _respond(request: Request, state, engine, body: SamplingFields, gen: G
             if isinstance(ev, Delta):
                 text.append(ev.text)
                 logprobs += ev.logprobs or []
+                prompt_logprobs += ev.prompt_logprobs or []
             elif isinstance(ev, Failure):
                 raise ev.error
             elif isinstance(ev, Finish):
@@ -471,7 +502,13 @@ async def _respond(request: Request, state, engine, body: SamplingFields, gen: G
         seq.cancelled.set()
         raise
     content = "".join(text)
-    lp = _Logprobs(state.tokenizer, chat).format(logprobs) if gen.logprobs is not None else None
+    lp = None
+    if gen.logprobs is not None:
+        formatter = _Logprobs(state.tokenizer, chat)
+        if echo is not None:
+            lp = _join(formatter.format_prompt(gen.prompt_ids, prompt_logprobs), formatter.format(logprobs))
+        else:
+            lp = formatter.format(logprobs)
     choice = (
         {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": ev.reason, "logprobs": lp}
         if chat
@@ -488,8 +525,22 @@ async def _respond(request: Request, state, engine, body: SamplingFields, gen: G
     }
 
 
+def _join(a: dict, b: dict) -> dict:
+    """Two completions-API logprobs objects, one after the other."""
+    return {key: a[key] + b[key] for key in a}
+
+
 async def _stream(
-    events, seq, rid, created, model, chat, include_usage, timeout_s, formatter: _Logprobs | None = None
+    events,
+    seq,
+    rid,
+    created,
+    model,
+    chat,
+    include_usage,
+    timeout_s,
+    formatter: _Logprobs | None = None,
+    echo: str | None = None,
 ) -> AsyncIterator[str]:
     kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -520,6 +571,10 @@ async def _stream(
             except asyncio.TimeoutError:
                 ev = Failure(RequestTimeoutError(f"the request did not finish within {timeout_s:g} s"))
             if isinstance(ev, Delta):
+                if echo is not None:  # the prompt first, in a chunk of its own
+                    prompt_lp = formatter.format_prompt(seq.prompt_ids, ev.prompt_logprobs or []) if formatter else None
+                    yield chunk(echo, None, logprobs=prompt_lp)
+                    echo = None
                 if ev.text or ev.logprobs:
                     logprobs = formatter.format(ev.logprobs) if formatter is not None and ev.logprobs else None
                     yield chunk(ev.text, None, logprobs=logprobs)

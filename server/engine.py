@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from trieserve.cache.eviction import Eviction, eviction_for
-from trieserve.decoding.sampling import choose_token, make_generator
+from trieserve.decoding.sampling import choose_token, make_generator, token_logprobs
 from trieserve.decoding.tree import DraftTree, pack
 from trieserve.server.batch import StepRows
 from trieserve.server.errors import QueueFullError, ServerShuttingDownError
@@ -267,20 +267,31 @@ class Engine:
         seq.cache = self.runner.new_cache()
         eviction = self._eviction(seq)
         if eviction is not None and eviction.applies(len(seq.prompt_ids), 0):
+            if seq.request.prompt_logprobs is not None:  # the API refuses these; a direct caller may not
+                raise ValueError("the prompt's logprobs need a full-cache prefill (kv_policy 'full')")
             seq.state["prefill"] = self.runner.prefill_chunks(seq.cache, seq.prompt_ids, eviction=eviction)
         else:
             seq.state["prefill_at"] = 0
 
     def _prefill_rows(self, seq: Sequence) -> StepRows:
-        """The sequence's next prefill chunk (no eviction); only its last row's logits are kept."""
+        """The sequence's next prefill chunk (no eviction); only its last row's logits are kept,
+        unless the request asks for the prompt's logprobs."""
         lo = seq.state["prefill_at"]
         hi = min(len(seq.prompt_ids), lo + self.runner.prefill_chunk)
         seq.state["prefill_at"] = hi
         ids = torch.tensor(seq.prompt_ids[lo:hi], dtype=torch.long)
+        if seq.request.prompt_logprobs is not None:
+            seq.state["prefill_from"] = lo
+            return StepRows(ids, torch.arange(lo, hi), None, logits_rows=slice(0, hi - lo))
         return StepRows(ids, torch.arange(lo, hi), None, logits_rows=slice(hi - lo - 1, hi - lo))
 
     def _prefilled_chunk(self, seq: Sequence, logits: torch.Tensor, elapsed: float) -> None:
         seq.stats.prefill_s += elapsed
+        if seq.request.prompt_logprobs is not None:  # row j predicts prompt token lo + j + 1
+            lo = seq.state.pop("prefill_from")
+            targets = seq.prompt_ids[lo + 1 : seq.state["prefill_at"] + 1]
+            found = token_logprobs(logits, targets, seq.request.prompt_logprobs) if targets else []
+            seq.prompt_logprobs = (seq.prompt_logprobs or []) + found
         if seq.state["prefill_at"] == len(seq.prompt_ids):
             del seq.state["prefill_at"]
             self._first_token(seq, logits[-1], time.perf_counter())
@@ -303,6 +314,11 @@ class Engine:
         seq.stats.forward_passes += 1
         seq.stats.kv_tokens_total = seq.logical_len
         seq.stats.kv_tokens_kept = round(seq.cache.mean_length())  # per layer and KV head
+        if seq.request.max_tokens == 0:  # an echo that scores the prompt: nothing to generate
+            seq.finish_reason = "length"
+            seq.stats.prefill_s += time.perf_counter() - start
+            seq.append([])
+            return
         if seq.lookahead:
             self.speculator.admit(seq)
         token = choose_token(logits, seq.params, seq.prompt_ids, seq.output_ids, seq.generator)

@@ -79,7 +79,7 @@ class SamplingFields(NullIsDefault):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16  # 0 only with echo: score the prompt
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
@@ -151,11 +151,12 @@ class ChatLogprobs(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    """Raw model log-probabilities; `text_offset` counts characters of the completion text."""
+    """Raw model log-probabilities; `text_offset` counts characters of the returned text. With
+    `echo` the prompt's tokens come first, and the first of them has none (null)."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

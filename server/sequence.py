@@ -28,6 +28,7 @@ class GenerationRequest:
     kv_budget: float | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: each token's log-probability and the top k
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (completions' echo)
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Delta:
     text: str
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None  # the tokens' since the last Delta, when asked
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. (first Delta, when asked)
 
 
 @dataclass
@@ -140,6 +142,7 @@ class Sequence:
         self.max_context = 0  # the model's context length, set by the engine
         self.state: dict = {}  # per-sequence data of the speculation machinery (tries, budgets)
         self.unsent_logprobs: list[TokenLogprob] = []  # held with their text until it is sent
+        self.prompt_logprobs: list[TokenLogprob] | None = None  # filled during prefill, sent once
 
     @property
     def done(self) -> bool:
@@ -168,7 +171,8 @@ class Sequence:
         text = self.text.pending(final=self.done)
         if text or self.done:
             sent, self.unsent_logprobs = self.unsent_logprobs, []
-            self.emit(Delta(text, tokens[:used], sent if want is not None else None))
+            prompt, self.prompt_logprobs = self.prompt_logprobs, None
+            self.emit(Delta(text, tokens[:used], sent if want is not None else None, prompt))
         return used
 
     def finish(self, reason: str | None = None) -> None:

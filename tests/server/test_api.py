@@ -151,7 +151,8 @@ def test_unknown_fields_are_ignored(server):
         ("/v1/completions", {"prompt": [1.5, 2]}, 400, "prompt"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content"),
         # OpenAI fields that would change the answer and are not implemented: a 400, not ignored
-        ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
+        ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1, "kv_policy": "snapkv"}, 400, "echo"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
         ("/v1/completions", {"prompt": "hi", "suffix": "end"}, 400, "suffix"),
         ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
         ("/v1/completions", {"prompt": "hi", "logprobs": -1}, 400, "logprobs"),
@@ -341,3 +342,43 @@ def test_chat_stream_logprobs_cover_every_token(client):
     entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert len(entries) == chunks[-1].usage.completion_tokens
     assert all(e.logprob <= 0 and e.top_logprobs == [] for e in entries)
+
+
+def test_echo_returns_the_prompt_and_its_logprobs(client, tokenizer, hf_model):
+    # longer than one prefill chunk (512 tokens), so the prompt's rows come from several forwards
+    prompt = "The quick brown fox jumps over the lazy dog. " * 70
+    prompt_ids = tokenizer.encode(prompt)
+    assert len(prompt_ids) > 600
+    kwargs = dict(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=3, temperature=0)
+    plain = client.completions.create(**kwargs).choices[0].text
+    echoed = client.completions.create(echo=True, **kwargs).choices[0]
+    assert echoed.text == prompt + plain and echoed.logprobs is None
+    lp = client.completions.create(echo=True, logprobs=1, **kwargs).choices[0].logprobs
+    n = len(prompt_ids)
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == n + 3
+    assert "".join(lp.tokens) == prompt + plain
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(n + 3)]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    ref = _reference_logprobs(hf_model, prompt_ids[:1], prompt_ids[1:])  # row i: prompt token i + 1
+    got = torch.tensor(lp.token_logprobs[1:n])
+    want = ref[torch.arange(n - 1), torch.tensor(prompt_ids[1:])]
+    assert torch.allclose(got, want, atol=2e-3), (got - want).abs().max()
+    for i in range(1, n):  # the prompt token itself is among the top entries, with the best one
+        top = lp.top_logprobs[i]
+        assert top[lp.tokens[i]] == pytest.approx(lp.token_logprobs[i]) and 1 <= len(top) <= 2
+        assert max(top.values()) == pytest.approx(float(ref[i - 1].max()), abs=2e-3)
+    # streamed: the prompt comes first, in a chunk of its own, then the completion
+    chunks = list(client.completions.create(echo=True, logprobs=1, stream=True, **kwargs))
+    assert chunks[0].choices[0].text == prompt
+    assert chunks[0].choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[:n], abs=1e-4)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == prompt + plain
+    # max_tokens 0 with echo scores the prompt alone (as OpenAI's legacy completions did)
+    score = client.completions.create(**{**kwargs, "max_tokens": 0}, echo=True, logprobs=0)
+    assert score.choices[0].text == prompt and score.choices[0].finish_reason == "length"
+    assert score.usage.completion_tokens == 0 and score.choices[0].logprobs.tokens == lp.tokens[:n]
+    assert score.choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:n], abs=1e-4)
+    # token ids in, the decoded prompt echoed
+    ids = client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt=prompt_ids[:20], max_tokens=2, temperature=0, echo=True
+    )
+    assert ids.choices[0].text.startswith(tokenizer.decode(prompt_ids[:20]))
