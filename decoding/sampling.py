@@ -141,10 +141,14 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> lis
     most likely first. One log-softmax in fp32 and one transfer for all rows.
     """
     lp = torch.log_softmax(logits[: len(tokens)].float(), dim=-1)
-    chosen = lp[torch.arange(len(tokens)), torch.tensor(list(tokens), dtype=torch.long, device=lp.device)].tolist()
+    rows = torch.arange(len(tokens), device=lp.device)
+    chosen_t = lp[rows, torch.tensor(list(tokens), dtype=torch.long, device=lp.device)]
     if top > 0:
         values, ids = lp.topk(top, dim=-1)
-        alts = [tuple(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+        packed = torch.cat([chosen_t.unsqueeze(1), values, ids.to(values.dtype)], dim=1).tolist()
+        chosen = [row[0] for row in packed]
+        alts = [tuple(zip(map(int, row[1 + top :]), row[1 : 1 + top], strict=True)) for row in packed]
     else:
+        chosen = chosen_t.tolist()
         alts = [()] * len(tokens)
     return [TokenLogprob(t, c, a) for t, c, a in zip(tokens, chosen, alts, strict=True)]

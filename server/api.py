@@ -26,6 +26,7 @@ from trieserve.server.errors import (
     TrieserveError,
     error_body,
 )
+from trieserve.server.pieces import Offsets, pieces_for
 from trieserve.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -350,7 +351,7 @@ def _generation_request(
     if not prompt_ids:
         raise InvalidRequestError("the prompt is empty after tokenization", prompt_param)
     context = state.max_context
-    if len(prompt_ids) >= context:
+    if len(prompt_ids) > context or (len(prompt_ids) == context and max_tokens != 0):  # 0: echo scores it
         raise ContextLengthError(
             f"the prompt has {len(prompt_ids)} tokens; this model's context is {context} tokens", prompt_param
         )
@@ -407,30 +408,43 @@ def _generation_request(
 class _Logprobs:
     """OpenAI's logprobs objects for one response, built chunk by chunk: chat's
     {"content": [{token, logprob, bytes, top_logprobs}]} or the completions API's
-    {tokens, token_logprobs, top_logprobs, text_offset} (offsets into the completion text)."""
+    {tokens, token_logprobs, top_logprobs, text_offset} (offsets into the returned text, echoed
+    prompt included). Token strings, bytes and offsets come from the vocabulary's pieces
+    (server/pieces.py), so they add up to the returned text, multi-byte characters included.
+    Log-probabilities of -inf are written as -9999.0 (JSON has no infinity)."""
 
     def __init__(self, tokenizer, chat: bool) -> None:
-        self.tokenizer = tokenizer
+        self.pieces = pieces_for(tokenizer)
         self.chat = chat
-        self.offset = 0
-
-    def _text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        self.offsets = Offsets(self.pieces)
 
     def _entry(self, token_id: int, logprob: float) -> dict:
-        text = self._text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {
+            "token": self.pieces.text(token_id),
+            "logprob": _finite(logprob),
+            "bytes": list(self.pieces.bytes(token_id)),
+        }
 
-    def format_prompt(self, prompt_ids: list[int], items: list[TokenLogprob]) -> dict:
-        """The completions API's logprobs of an echoed prompt: its first token has none."""
-        rest = self.format(items)
-        first = self._text(prompt_ids[0])
-        rest["tokens"].insert(0, first)
-        rest["token_logprobs"].insert(0, None)
-        rest["top_logprobs"].insert(0, None)
-        rest["text_offset"] = [0] + [o + len(first) for o in rest["text_offset"]]
-        self.offset += len(first)
-        return rest
+    def format_prompt(self, prompt_ids: list[int], items: list[TokenLogprob], echo_len: int) -> dict:
+        """The completions API's logprobs of an echoed prompt (its first token has none); the
+        completion's offsets then start after the echoed text's `echo_len` characters."""
+        prompt = Offsets(self.pieces)
+        out = {
+            "tokens": [self.pieces.text(t) for t in prompt_ids],
+            "token_logprobs": [None] + [_finite(i.logprob) for i in items],
+            "top_logprobs": [None] + [self._top(i) for i in items],
+            "text_offset": [prompt.next(t) for t in prompt_ids],
+        }
+        self.offsets = Offsets(self.pieces, start=echo_len)
+        return out
+
+    def _top(self, item: TokenLogprob) -> dict[str, float]:
+        """A position's alternatives by text, most likely first; the chosen token is always
+        there (as vLLM's). Tokens that read the same keep the likelier value."""
+        top: dict[str, float] = {}
+        for token_id, logprob in [*item.top, (item.token, item.logprob)]:
+            top.setdefault(self.pieces.text(token_id), _finite(logprob))
+        return top
 
     def format(self, items: list[TokenLogprob]) -> dict:
         if self.chat:
@@ -440,18 +454,16 @@ class _Logprobs:
                     for i in items
                 ]
             }
-        tokens = [self._text(i.token) for i in items]
-        offsets = []
-        for text in tokens:
-            offsets.append(self.offset)
-            self.offset += len(text)
         return {
-            "tokens": tokens,
-            "token_logprobs": [i.logprob for i in items],
-            # the chosen token is always among a position's top entries (as vLLM's)
-            "top_logprobs": [{self._text(t): lp for t, lp in [*i.top, (i.token, i.logprob)]} for i in items],
-            "text_offset": offsets,
+            "tokens": [self.pieces.text(i.token) for i in items],
+            "token_logprobs": [_finite(i.logprob) for i in items],
+            "top_logprobs": [self._top(i) for i in items],
+            "text_offset": [self.offsets.next(i.token) for i in items],
         }
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, -9999.0)
 
 
 async def _respond(
@@ -506,7 +518,8 @@ async def _respond(
     if gen.logprobs is not None:
         formatter = _Logprobs(state.tokenizer, chat)
         if echo is not None:
-            lp = _join(formatter.format_prompt(gen.prompt_ids, prompt_logprobs), formatter.format(logprobs))
+            prompt_lp = formatter.format_prompt(gen.prompt_ids, prompt_logprobs, len(echo))
+            lp = _join(prompt_lp, formatter.format(logprobs))
         else:
             lp = formatter.format(logprobs)
     choice = (
@@ -564,6 +577,9 @@ async def _stream(
     try:
         if chat:
             yield chunk("", None, first=True)
+        if echo is not None and formatter is None:  # the prompt at once, in a chunk of its own
+            yield chunk(echo, None)
+            echo = None
         deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
             try:
@@ -571,8 +587,8 @@ async def _stream(
             except asyncio.TimeoutError:
                 ev = Failure(RequestTimeoutError(f"the request did not finish within {timeout_s:g} s"))
             if isinstance(ev, Delta):
-                if echo is not None:  # the prompt first, in a chunk of its own
-                    prompt_lp = formatter.format_prompt(seq.prompt_ids, ev.prompt_logprobs or []) if formatter else None
+                if echo is not None:  # with its logprobs, which come with the first delta after prefill
+                    prompt_lp = formatter.format_prompt(seq.prompt_ids, ev.prompt_logprobs or [], len(echo))
                     yield chunk(echo, None, logprobs=prompt_lp)
                     echo = None
                 if ev.text or ev.logprobs:

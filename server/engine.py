@@ -291,7 +291,9 @@ class Engine:
             lo = seq.state.pop("prefill_from")
             targets = seq.prompt_ids[lo + 1 : seq.state["prefill_at"] + 1]
             found = token_logprobs(logits, targets, seq.request.prompt_logprobs) if targets else []
-            seq.prompt_logprobs = (seq.prompt_logprobs or []) + found
+            if seq.prompt_logprobs is None:
+                seq.prompt_logprobs = []
+            seq.prompt_logprobs.extend(found)
         if seq.state["prefill_at"] == len(seq.prompt_ids):
             del seq.state["prefill_at"]
             self._first_token(seq, logits[-1], time.perf_counter())

@@ -60,6 +60,7 @@ _stream: ModuleType | None = None  # the built stream kernel, once `load_stream`
 
 
 STALE_LOCK_S = 600.0  # a build lock this old was left by a build that was killed
+UNUSED_BUILD_S = 14 * 86400.0  # another key's build not loaded for this long is removed
 
 
 def stream_key() -> str:
@@ -103,7 +104,24 @@ def load_stream(build_root: Path) -> ModuleType | None:
         reason = " ".join(str(exc).split())[-400:]
         log.warning("the stream matmul kernel could not be built, so it is not used: %s", reason)
         return None
+    prune_builds(build_root, keep=directory)
     return _stream
+
+
+def prune_builds(build_root: Path, keep: Path, max_age_s: float = UNUSED_BUILD_S) -> list[Path]:
+    """Remove other `stream-*` builds not loaded for `max_age_s` (older sources, torch builds or
+    CPUs); `keep` is marked as used now. A build another checkout still loads stays, as its
+    loads keep it fresh. Returns what was removed."""
+    os.utime(keep)
+    removed = []
+    for old in build_root.glob("stream-*"):
+        try:
+            if old != keep and old.is_dir() and time.time() - old.stat().st_mtime > max_age_s:
+                shutil.rmtree(old)
+                removed.append(old)
+        except OSError as exc:  # another process removing it, or no permission: not our problem
+            log.debug("could not remove the old kernel build %s: %s", old, exc)
+    return removed
 
 
 def stream_available(runner=None) -> bool:

@@ -169,7 +169,7 @@ class Sequence:
         if want is not None and logits is not None:
             self.unsent_logprobs += token_logprobs(logits, tokens[:used], want)
         text = self.text.pending(final=self.done)
-        if text or self.done:
+        if text or self.done or self.prompt_logprobs is not None:  # an echoed prompt's go out at once
             sent, self.unsent_logprobs = self.unsent_logprobs, []
             prompt, self.prompt_logprobs = self.prompt_logprobs, None
             self.emit(Delta(text, tokens[:used], sent if want is not None else None, prompt))

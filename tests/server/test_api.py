@@ -6,6 +6,7 @@ import httpx
 import openai
 import pytest
 import torch
+from trieserve.server.pieces import byte_decoder
 
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 STATS_KEYS = {
@@ -265,11 +266,26 @@ def _reference_logprobs(hf_model, prompt_ids, output_ids):
     return torch.log_softmax(logits, -1)
 
 
+REPEAT = "Repeat exactly: the cat sat on the mat, the cat sat on the mat."
+JAPANESE = "Translate to Japanese: good morning"  # its greedy answer splits characters over tokens
+
+
+def _token_id(tokenizer, entry) -> int:
+    """The token whose vocabulary piece is `entry.bytes` (byte-level BPE), or a special token."""
+    if entry.token in tokenizer.all_special_tokens:
+        return tokenizer.convert_tokens_to_ids(entry.token)
+    to_char = {b: c for c, b in byte_decoder().items()}
+    token_id = tokenizer.convert_tokens_to_ids("".join(to_char[b] for b in entry.bytes))
+    assert token_id is not None and token_id != tokenizer.unk_token_id, entry
+    return token_id
+
+
 @pytest.mark.parametrize("lookahead", [False, True])
-def test_chat_logprobs_match_the_model(client, tokenizer, hf_model, lookahead):
+@pytest.mark.parametrize("content", [REPEAT, JAPANESE])
+def test_chat_logprobs_match_the_model(client, tokenizer, hf_model, lookahead, content):
     resp = client.chat.completions.create(
         model="SmolLM2-135M-Instruct",
-        messages=[{"role": "user", "content": "Repeat exactly: the cat sat on the mat, the cat sat on the mat."}],
+        messages=[{"role": "user", "content": content}],
         temperature=0,
         max_tokens=24,
         logprobs=True,
@@ -280,26 +296,25 @@ def test_chat_logprobs_match_the_model(client, tokenizer, hf_model, lookahead):
     entries = choice.logprobs.content
     assert len(entries) == resp.usage.completion_tokens == 24
     special = set(tokenizer.all_special_tokens)  # the chat template's end marker, shown as in vLLM
-    assert "".join(e.token for e in entries if e.token not in special) == choice.message.content
+    text = b"".join(bytes(e.bytes) for e in entries if e.token not in special)
+    assert text.decode("utf-8") == choice.message.content  # the bytes rebuild split characters
     prompt_ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Repeat exactly: the cat sat on the mat, the cat sat on the mat."}],
-        add_generation_prompt=True,
-        tokenize=True,
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True
     )
     prompt_ids = list(prompt_ids["input_ids"] if hasattr(prompt_ids, "keys") else prompt_ids)
-    output_ids = [tokenizer.encode(e.token, add_special_tokens=False) for e in entries]
-    assert all(len(ids) == 1 for ids in output_ids)  # each token's text maps back to it
-    output_ids = [ids[0] for ids in output_ids]
+    output_ids = [_token_id(tokenizer, e) for e in entries]  # each entry's bytes name its token
+    if content == JAPANESE:
+        assert any("\ufffd" in e.token for e in entries)  # characters split over tokens
     ref = _reference_logprobs(hf_model, prompt_ids, output_ids)
     for i, e in enumerate(entries):
-        assert e.logprob <= 0 and e.bytes == list(e.token.encode())
+        assert e.logprob <= 0
         assert e.logprob == pytest.approx(float(ref[i, output_ids[i]]), abs=2e-3)
         top = [t.logprob for t in e.top_logprobs]
         assert len(top) == 3 and top == sorted(top, reverse=True)
         # greedy: the chosen token is the most likely one
         assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == pytest.approx(e.logprob)
         assert top[0] == pytest.approx(float(ref[i].max()), abs=2e-3)
-    if lookahead:
+    if lookahead and content == REPEAT:
         assert resp.model_extra["stats"]["forward_passes"] < 24  # the tokens came in multi-token steps
 
 
@@ -372,6 +387,9 @@ def test_echo_returns_the_prompt_and_its_logprobs(client, tokenizer, hf_model):
     assert chunks[0].choices[0].text == prompt
     assert chunks[0].choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[:n], abs=1e-4)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == prompt + plain
+    chunks = list(client.completions.create(echo=True, stream=True, **kwargs))  # no logprobs: at once
+    assert chunks[0].choices[0].text == prompt and chunks[0].choices[0].logprobs is None
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == prompt + plain
     # max_tokens 0 with echo scores the prompt alone (as OpenAI's legacy completions did)
     score = client.completions.create(**{**kwargs, "max_tokens": 0}, echo=True, logprobs=0)
     assert score.choices[0].text == prompt and score.choices[0].finish_reason == "length"
@@ -382,3 +400,29 @@ def test_echo_returns_the_prompt_and_its_logprobs(client, tokenizer, hf_model):
         model="SmolLM2-135M-Instruct", prompt=prompt_ids[:20], max_tokens=2, temperature=0, echo=True
     )
     assert ids.choices[0].text.startswith(tokenizer.decode(prompt_ids[:20]))
+
+
+def test_completion_offsets_follow_the_text_through_split_characters(client, tokenizer):
+    prompt = "Hi 😀 there, 日本語のテキスト: naïve café ☕ and"
+    ids = tokenizer.encode(prompt)
+    resp = client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=6, temperature=0, echo=True, logprobs=2
+    )
+    choice = resp.choices[0]
+    lp = choice.logprobs
+    n = len(ids)
+    assert choice.text.startswith(prompt) and len(lp.text_offset) == n + 6
+    for k in range(n):  # each prompt token starts where the text decoded before it ends
+        before = tokenizer.decode(ids[:k])
+        assert lp.text_offset[k] == len(before) - before.endswith("\ufffd"), k
+    assert any("\ufffd" in t for t in lp.tokens[:n])  # the emoji is split over tokens
+    # the completion's offsets count from the end of the echoed prompt, in its own text
+    completion = choice.text[len(prompt) :]
+    assert lp.text_offset[n] == len(prompt)
+    for k, off in enumerate(lp.text_offset[n:]):
+        token = lp.tokens[n + k]
+        if "\ufffd" not in token and token not in tokenizer.all_special_tokens:
+            assert completion[off - len(prompt) :].startswith(token)
+    # alternatives that read the same (split characters) do not hide the chosen token's value
+    for tok, value, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:], strict=True):
+        assert tok in top and top[tok] >= value - 1e-6

@@ -198,6 +198,29 @@ def test_the_build_uses_its_own_source_copy_and_clears_a_stale_lock(tmp_path, mo
     assert seen["lock"]
 
 
+def test_a_build_prunes_other_keys_builds_left_unused(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(matmul, "_stream", None)
+    monkeypatch.setattr(cpp_extension, "load", lambda *_a, **_k: "built")
+    stale, recent = tmp_path / "stream-0ld0ld0ld0ld", tmp_path / "stream-0therc0py00"
+    other = tmp_path / "models"  # not a kernel build: never touched
+    for d in (stale, recent, other):
+        (d / "sub").mkdir(parents=True)
+    old = time.time() - 2 * matmul.UNUSED_BUILD_S
+    for d in (stale, other):
+        os.utime(d, (old, old))
+    current = tmp_path / f"stream-{matmul.stream_key()}"
+    current.mkdir()
+    os.utime(current, (old, old))  # in use: loading it marks it fresh
+    assert matmul.load_stream(tmp_path) == "built"
+    assert not stale.exists() and recent.exists() and other.exists() and current.exists()
+    assert time.time() - current.stat().st_mtime < 60
+
+
 TIMINGS = {
     "stock": {1: 1.0, 2: 1.0, 4: 1.6, 8: 2.0},
     "skinny": {1: 1.0, 2: 0.9, 4: 1.2, 8: 1.5},
