@@ -72,7 +72,15 @@ def create_app(state: ServerState) -> FastAPI:
     async def models():
         return {
             "object": "list",
-            "data": [{"id": state.model_name, "object": "model", "created": state.started, "owned_by": "trieserve"}],
+            "data": [
+                {
+                    "id": state.model_name,
+                    "object": "model",
+                    "created": state.started,
+                    "owned_by": "trieserve",
+                    "max_model_len": state.max_context or None,
+                }
+            ],
         }
 
     @app.post("/v1/completions", responses=_generation_responses(CompletionResponse))

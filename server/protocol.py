@@ -204,6 +204,7 @@ class ModelCard(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    max_model_len: int | None = None  # the context in tokens (prompt + completion), as vLLM reports it
 
 
 class ModelList(BaseModel):

@@ -426,3 +426,19 @@ def test_completion_offsets_follow_the_text_through_split_characters(client, tok
     # alternatives that read the same (split characters) do not hide the chosen token's value
     for tok, value, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:], strict=True):
         assert tok in top and top[tok] >= value - 1e-6
+
+
+def test_the_context_bounds_prompt_plus_max_tokens(client, server):
+    context = httpx.get(server.url + "/v1/models").json()["data"][0]["max_model_len"]
+    assert context == 8192  # SmolLM2's
+    word = 1000
+    kwargs = dict(model="SmolLM2-135M-Instruct", temperature=0)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(prompt=[word] * (context + 1), max_tokens=1, echo=True, **kwargs)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(prompt=[word] * context, max_tokens=1, **kwargs)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(prompt=[word] * (context - 4), max_tokens=5, **kwargs)
+    # a prompt that fills the context can still be scored: echo with max_tokens 0
+    scored = client.completions.create(prompt=[word] * context, max_tokens=0, echo=True, **kwargs)
+    assert scored.usage.prompt_tokens == context and scored.usage.completion_tokens == 0
