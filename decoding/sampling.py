@@ -8,6 +8,7 @@ distribution plain decoding would use at that prefix.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one (vLLM's)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), OpenAI's
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:
@@ -38,6 +41,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not self.repetition_penalty > 0.0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
 
     @property
     def greedy(self) -> bool:
@@ -45,7 +50,14 @@ class SamplingParams:
 
     @property
     def has_penalties(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        """Whether anything changes the model's logits before the choice (penalties or a logit
+        bias): greedy is then the argmax of the adjusted logits, not of the model's."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or bool(self.logit_bias)
+        )
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -61,10 +73,10 @@ def make_generator(seed: int | None) -> torch.Generator:
 def apply_penalties(
     logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int], output_ids: Sequence[int]
 ) -> torch.Tensor:
-    """Repetition penalty (HF/CTRL style, over prompt + output) and OpenAI presence/frequency
-    penalties (over output only). logits: [V] fp32; returns a new tensor. Results are clamped to
-    +-LOGIT_BOUND: a tiny repetition penalty divides a logit past fp32's range, and inf logits
-    would make the distribution NaN."""
+    """Repetition penalty (HF/CTRL style, over prompt + output), OpenAI presence/frequency
+    penalties (over output only), then OpenAI's logit bias. logits: [V] fp32; returns a new
+    tensor. Results are clamped to +-LOGIT_BOUND: a tiny repetition penalty divides a logit past
+    fp32's range, and inf logits would make the distribution NaN."""
     if not params.has_penalties:
         return logits
     logits = logits.clone()
@@ -76,12 +88,15 @@ def apply_penalties(
     if output_ids and (params.presence_penalty != 0.0 or params.frequency_penalty != 0.0):
         ids, counts = torch.tensor(list(output_ids), dtype=torch.long).unique(return_counts=True)
         logits[ids] -= params.presence_penalty + params.frequency_penalty * counts.to(logits.dtype)
+    if params.logit_bias:
+        ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long, device=logits.device)
+        logits[ids] += torch.tensor([b for _, b in params.logit_bias], dtype=logits.dtype, device=logits.device)
     return logits.clamp_(-LOGIT_BOUND, LOGIT_BOUND)
 
 
 def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k, then top-p, as HF applies them. logits: [V] fp32 → [V] fp32 with
-    -inf on removed tokens."""
+    """Temperature, top-k, top-p (as HF applies them), then min-p. logits: [V] fp32 → [V] fp32
+    with -inf on removed tokens."""
     logits = logits / params.temperature
     if params.top_k > 0 and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
@@ -93,6 +108,8 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         remove_sorted[-1] = False  # always keep the most likely token
         remove = torch.zeros_like(remove_sorted).scatter(0, order, remove_sorted)
         logits = logits.masked_fill(remove, float("-inf"))
+    if params.min_p > 0.0:  # p < min_p * p_max  <=>  logit < logit_max + log(min_p)
+        logits = logits.masked_fill(logits < logits.max() + math.log(params.min_p), float("-inf"))
     return logits
 
 

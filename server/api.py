@@ -320,7 +320,7 @@ def _unsupported(body: SamplingFields) -> tuple[str, str] | None:
     if extra.get("tool_choice") not in (None, "none", "auto"):
         return "tool_choice", "tool calls are not supported"
     # OpenAI's, then vLLM's sampling and structured-output extensions
-    for name in ("logit_bias", "tools", "functions", "min_tokens", "min_p", "stop_token_ids", "bad_words"):
+    for name in ("tools", "functions", "min_tokens", "bad_words"):
         if extra.get(name):
             return name, f"{name} is not supported"
     for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
@@ -330,6 +330,28 @@ def _unsupported(body: SamplingFields) -> tuple[str, str] | None:
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         return "response_format", "response_format other than {'type': 'text'} is not supported"
     return None
+
+
+def _token_ids(ids: list[int], vocab_size: int, param: str) -> list[int]:
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequestError(f"{param}: token ids must be in [0, {vocab_size}), got {bad[0]}", param)
+    return ids
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias ({"token id": bias in [-100, 100]}) as (id, bias) pairs."""
+    pairs: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise InvalidRequestError(f"logit_bias keys are token ids, got {key!r}", "logit_bias") from None
+        if token in pairs:
+            raise InvalidRequestError(f"logit_bias names token {token} twice", "logit_bias")
+        pairs[token] = value
+    _token_ids(list(pairs), vocab_size, "logit_bias")
+    return tuple(pairs.items())
 
 
 MAX_LOGPROBS = 20  # alternatives per token (vLLM's default limit; OpenAI's is 20 for chat)
@@ -380,6 +402,8 @@ def _generation_request(
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
             seed=body.seed,
+            min_p=body.min_p,
+            logit_bias=_logit_bias(body.logit_bias, state.vocab_size),
         )
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from None
@@ -407,6 +431,7 @@ def _generation_request(
         kv_policy=body.kv_policy,
         kv_budget=body.kv_budget,
         ignore_eos=body.ignore_eos,
+        stop_token_ids=_token_ids(body.stop_token_ids or [], state.vocab_size, "stop_token_ids"),
         logprobs=logprobs,
         prompt_logprobs=logprobs if echo else None,
     )

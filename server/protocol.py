@@ -47,7 +47,10 @@ class SamplingFields(NullIsDefault):
     # extensions (vLLM-compatible names)
     top_k: Annotated[int, Field(ge=-1, le=1_000_000)] = 0
     repetition_penalty: Annotated[Float, Field(gt=0.0, le=100.0)] = 1.0
+    min_p: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.0
     ignore_eos: bool = False
+    stop_token_ids: Annotated[list[int], Field(max_length=64)] | None = None
+    logit_bias: Annotated[dict[str, Annotated[Float, Field(ge=-100.0, le=100.0)]], Field(max_length=1024)] | None = None
     # trieserve extensions
     lookahead: bool | None = Field(None, description="speculate with the trie for this request")
     kv_policy: str | None = Field(None, description=f"KV eviction policy: one of {', '.join(KV_POLICIES)}")

@@ -27,6 +27,7 @@ class GenerationRequest:
     kv_policy: str | None = None
     kv_budget: float | None = None
     ignore_eos: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)  # end the sequence like EOS (even with ignore_eos)
     logprobs: int | None = None  # None: none; k: each token's log-probability and the top k
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (completions' echo)
 
@@ -125,7 +126,7 @@ class Sequence:
         self.params = request.params
         self.prompt_ids = request.prompt_ids
         self.output_ids: list[int] = []
-        self.eos_ids = set() if request.ignore_eos else eos_ids
+        self.eos_ids = (set() if request.ignore_eos else set(eos_ids)) | set(request.stop_token_ids)
         self.text = TextTracker(tokenizer, request.stop)
         self.emit = emit
         self.stats = Stats()

@@ -157,7 +157,12 @@ def test_unknown_fields_are_ignored(server):
         ("/v1/completions", {"prompt": "hi", "suffix": "end"}, 400, "suffix"),
         ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
         ("/v1/completions", {"prompt": "hi", "logprobs": -1}, 400, "logprobs"),
-        ("/v1/completions", {"prompt": "hi", "logit_bias": {"50": -100}}, 400, "logit_bias"),
+        ("/v1/completions", {"prompt": "hi", "logit_bias": {"fifty": -100}}, 400, "logit_bias"),
+        ("/v1/completions", {"prompt": "hi", "logit_bias": {"50": -100, "050": 3}}, 400, "logit_bias"),
+        ("/v1/completions", {"prompt": "hi", "logit_bias": {"10000000": 1}}, 400, "logit_bias"),
+        ("/v1/completions", {"prompt": "hi", "logit_bias": {"50": 101}}, 400, "logit_bias.50"),
+        ("/v1/completions", {"prompt": "hi", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
+        ("/v1/completions", {"prompt": "hi", "min_p": 1.5}, 400, "min_p"),
         ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
         ("/v1/completions", {"prompt": "hi", "best_of": 3}, 400, "best_of"),
         ("/v1/completions", {"prompt": "hi", "min_tokens": 5}, 400, "min_tokens"),
@@ -442,3 +447,33 @@ def test_the_context_bounds_prompt_plus_max_tokens(client, server):
     # a prompt that fills the context can still be scored: echo with max_tokens 0
     scored = client.completions.create(prompt=[word] * context, max_tokens=0, echo=True, **kwargs)
     assert scored.usage.prompt_tokens == context and scored.usage.completion_tokens == 0
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_logit_bias_min_p_and_stop_token_ids_steer_the_output(client, tokenizer, lookahead):
+    kwargs = dict(model="SmolLM2-135M-Instruct", prompt="def add(a, b):\n    return a + b\n\ndef sub(a, b):\n")
+    kwargs |= dict(max_tokens=12, temperature=0, extra_body={"lookahead": lookahead, "ignore_eos": True})
+    plain = client.completions.create(logprobs=0, **kwargs).choices[0]
+    ids = tokenizer.encode(plain.text, add_special_tokens=False)
+    # +100 on one token: greedy picks it at every step
+    forced = tokenizer.encode(" banana", add_special_tokens=False)[0]
+    biased = client.completions.create(**{**kwargs, "logit_bias": {str(forced): 100}}).choices[0]
+    assert tokenizer.encode(biased.text, add_special_tokens=False) == [forced] * 12
+    # -100 on the first greedy token: the answer starts with another
+    first = tokenizer.encode(plain.logprobs.tokens[0], add_special_tokens=False)
+    banned = client.completions.create(**{**kwargs, "logit_bias": {str(first[0]): -100}}).choices[0]
+    assert banned.text and not banned.text.startswith(plain.logprobs.tokens[0])
+    # min_p 1 keeps only the most likely token: sampling at temperature 1 is greedy
+    extra = kwargs["extra_body"]
+    sampled = client.completions.create(
+        **{**kwargs, "temperature": 1.0, "seed": 5, "extra_body": {**extra, "min_p": 1.0}}
+    ).choices[0]
+    assert sampled.text == plain.text
+    # a stop token id ends the sequence where it is generated, even with ignore_eos; its text is not sent
+    stop_at = plain.logprobs.tokens.index(next(t for t in plain.logprobs.tokens[2:] if t.strip()))
+    stop_id = tokenizer.encode(plain.logprobs.tokens[stop_at], add_special_tokens=False)[0]
+    stopped = client.completions.create(**{**kwargs, "extra_body": {**extra, "stop_token_ids": [stop_id]}})
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens == stop_at + 1
+    assert stopped.choices[0].text == "".join(plain.logprobs.tokens[:stop_at])
+    assert ids  # the plain answer is not empty

@@ -33,6 +33,29 @@ def test_penalties():
     assert out.tolist() == [2.0 - 0.5 - 0.5, -2.0, 1.0]
 
 
+def test_logit_bias_adds_to_the_named_tokens_and_steers_greedy():
+    logits = torch.tensor([2.0, -2.0, 1.0])
+    params = SamplingParams(temperature=0, logit_bias=((1, 5.0), (0, -1.5)))
+    assert params.has_penalties  # greedy must then take the adjusted argmax
+    assert apply_penalties(logits, params, [], []).tolist() == [0.5, 3.0, 1.0]
+    assert choose_token(logits, params, [], [], None) == 1
+    # with a repetition penalty too: penalties first, then the bias (as OpenAI's bias is last)
+    both = SamplingParams(repetition_penalty=2.0, logit_bias=((0, 1.0),))
+    assert apply_penalties(logits, both, [0], []).tolist() == [2.0, -2.0, 1.0]
+
+
+def test_min_p_drops_tokens_below_a_share_of_the_most_likely():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    kept = warp(torch.log(probs), SamplingParams(temperature=1.0, min_p=0.25)).isfinite()
+    assert kept.tolist() == [True, True, True, False]  # 0.05 < 0.25 * 0.5 <= 0.15
+    kept = warp(torch.log(probs), SamplingParams(temperature=1.0, min_p=1.0)).isfinite()
+    assert kept.tolist() == [True, False, False, False]
+    # after temperature: at T=2 the shares flatten, so min_p 0.25 keeps every token
+    assert warp(torch.log(probs), SamplingParams(temperature=2.0, min_p=0.25)).isfinite().all()
+    with pytest.raises(ValueError, match="min_p"):
+        SamplingParams(min_p=1.5)
+
+
 def test_seeded_draws_reproduce_and_follow_distribution():
     logits = torch.log(torch.tensor([0.6, 0.3, 0.1]))
     params = SamplingParams(temperature=1.0, seed=7)
