@@ -661,6 +661,8 @@ def _usage(ev: Finish) -> dict:
         "prompt_tokens": ev.prompt_tokens,
         "completion_tokens": ev.completion_tokens,
         "total_tokens": ev.prompt_tokens + ev.completion_tokens,
+        # OpenAI's: prompt tokens whose prefill the prefix cache saved
+        "prompt_tokens_details": {"cached_tokens": ev.stats.get("cached_prompt_tokens", 0)},
     }
 
 

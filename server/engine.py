@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from trieserve.cache.eviction import Eviction, eviction_for
+from trieserve.cache.prefix import PrefixCache
 from trieserve.decoding.sampling import choose_token, make_generator, token_logprobs
 from trieserve.decoding.tree import DraftTree, pack
 from trieserve.server.batch import StepRows
@@ -45,6 +46,7 @@ class EngineConfig:
     kv_policy: str = "full"  # eviction policy after prefill (requests may override)
     kv_budget: float = 1.0  # kept KV entries: fraction of the prompt (<= 1) or token count (> 1)
     kv_window: int = 32  # observation window: the last prompt tokens that score the rest
+    prefix_cache_bytes: int = 0  # prompt KV rows shared across requests (cache/prefix.py); 0 = off
 
 
 class Engine:
@@ -55,6 +57,7 @@ class Engine:
         self.metrics = metrics
         self.speculator = speculator
         self.eos_ids = _eos_ids(runner.model, tokenizer)
+        self.prefix_cache = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes > 0 else None
         self.waiting: queue.Queue[Sequence] = queue.Queue(maxsize=config.max_queue)
         self.running: list[Sequence] = []
         self._wake = threading.Event()
@@ -272,6 +275,8 @@ class Engine:
             seq.state["prefill"] = self.runner.prefill_chunks(seq.cache, seq.prompt_ids, eviction=eviction)
         else:
             seq.state["prefill_at"] = 0
+            if self.prefix_cache is not None and seq.request.prompt_logprobs is None:  # those need every row
+                seq.state["prefill_at"] = seq.stats.cached_tokens = self.prefix_cache.load(seq.cache, seq.prompt_ids)
 
     def _prefill_rows(self, seq: Sequence) -> StepRows:
         """The sequence's next prefill chunk (no eviction); only its last row's logits are kept,
@@ -296,6 +301,8 @@ class Engine:
             seq.prompt_logprobs.extend(found)
         if seq.state["prefill_at"] == len(seq.prompt_ids):
             del seq.state["prefill_at"]
+            if self.prefix_cache is not None:  # the cache holds exactly the prompt's rows now
+                self.prefix_cache.store(seq.cache, seq.prompt_ids)
             self._first_token(seq, logits[-1], time.perf_counter())
 
     def _prefill_evicting(self, seq: Sequence) -> None:

@@ -27,6 +27,14 @@ class Metrics:
         self.kv_seen = Counter("trieserve_kv_tokens_seen", "KV tokens before eviction", registry=r)
         self.kv_evicted = Counter("trieserve_kv_tokens_evicted", "KV tokens dropped by eviction", registry=r)
         self.kv_bytes = Gauge("trieserve_kv_cache_bytes", "bytes held by running sequences' KV caches", registry=r)
+        self.prefix_hits = Counter(
+            "trieserve_prefix_cache_hit_tokens", "prompt tokens whose prefill the prefix cache saved", registry=r
+        )
+        self.prefix_queries = Counter(
+            "trieserve_prefix_cache_queried_tokens", "prompt tokens looked up in the prefix cache", registry=r
+        )
+        self.prefix_bytes = Gauge("trieserve_prefix_cache_bytes", "bytes held by the prefix cache", registry=r)
+        self._prefix_seen = (0, 0)  # the store's hit and queried counts already added
         self.ttft = Histogram(
             "trieserve_time_to_first_token_seconds", "time to first token", buckets=LATENCY_BUCKETS, registry=r
         )
@@ -84,4 +92,11 @@ class Metrics:
             self.running.set(len(running))
             caches = [seq.cache for seq in running]
             self.kv_bytes.set(sum(c.nbytes() for c in caches if c is not None))
+            prefix = getattr(engine, "prefix_cache", None)
+            if prefix is not None:  # the store counts on the engine thread; the counters catch up here
+                self.prefix_bytes.set(prefix.nbytes)
+                hits, queried = prefix.hit_tokens, prefix.queried_tokens
+                self.prefix_hits.inc(max(hits - self._prefix_seen[0], 0))
+                self.prefix_queries.inc(max(queried - self._prefix_seen[1], 0))
+                self._prefix_seen = (hits, queried)
         return generate_latest(self.registry)

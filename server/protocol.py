@@ -115,10 +115,15 @@ class ChatCompletionRequest(SamplingFields):
 
 
 # ---- response bodies: documentation for /openapi.json (routes return plain dicts) ------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class GenerationStats(BaseModel):
@@ -130,6 +135,7 @@ class GenerationStats(BaseModel):
     tokens_per_forward: float
     kv_tokens_kept: int
     kv_tokens_total: int
+    cached_prompt_tokens: int
     prefill_s: float
     decode_s: float
 

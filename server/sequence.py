@@ -39,6 +39,7 @@ class Stats:
     accepted_tokens: int = 0
     kv_tokens_kept: int = 0
     kv_tokens_total: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV rows came from the prefix cache
     prefill_s: float = 0.0
     decode_s: float = 0.0
 
@@ -50,6 +51,7 @@ class Stats:
             "tokens_per_forward": round(completion_tokens / self.forward_passes, 4) if self.forward_passes else 0.0,
             "kv_tokens_kept": self.kv_tokens_kept,
             "kv_tokens_total": self.kv_tokens_total,
+            "cached_prompt_tokens": self.cached_tokens,
             "prefill_s": round(self.prefill_s, 6),
             "decode_s": round(self.decode_s, 6),
         }

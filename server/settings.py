@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     kv_policy: Literal["full", "streaming", "snapkv", "defensive", "layer_defensive"] = "full"
     kv_budget: float = Field(1.0, gt=0, description="kept KV entries: a fraction (<=1) or a token count (>1)")
     kv_window: int = Field(32, ge=1, description="observation window (last prompt tokens) for eviction scores")
+    prefix_cache_mb: int = Field(
+        256,
+        ge=0,
+        description="MiB of prompt KV rows kept for prompts that start alike (automatic prefix caching); 0 = off",
+    )
 
     @field_validator("device")
     @classmethod

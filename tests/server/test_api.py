@@ -16,6 +16,7 @@ STATS_KEYS = {
     "tokens_per_forward",
     "kv_tokens_kept",
     "kv_tokens_total",
+    "cached_prompt_tokens",
     "prefill_s",
     "decode_s",
 }
@@ -477,3 +478,33 @@ def test_logit_bias_min_p_and_stop_token_ids_steer_the_output(client, tokenizer,
     assert stopped.usage.completion_tokens == stop_at + 1
     assert stopped.choices[0].text == "".join(plain.logprobs.tokens[:stop_at])
     assert ids  # the plain answer is not empty
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_a_shared_prefix_is_served_from_the_prefix_cache(client, server, tokenizer, hf_model, lookahead):
+    doc = (
+        f"Notes ({'with' if lookahead else 'without'} drafts). The lighthouse keeper logs the weather "
+        "every evening: wind from the west, light rain, visibility four miles, the tide turning at "
+        "nine. The ferry to the island runs twice a day in winter and four times in summer; the "
+        "harbour master posts changes on the board by the chandlery. "
+    ) * 3
+    kwargs = dict(model="SmolLM2-135M-Instruct", max_tokens=16, temperature=0, extra_body={"lookahead": lookahead})
+    first = client.completions.create(prompt=doc + "\nQ: When does the tide turn?\nA:", **kwargs)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    prompt = doc + "\nQ: How often does the ferry run in summer?\nA:"
+    second = client.completions.create(prompt=prompt, **kwargs)
+    shared = len(tokenizer.encode(doc))
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached % 32 == 0 and shared - 32 < cached <= shared + 1  # whole blocks of the shared part
+    assert second.model_extra["stats"]["cached_prompt_tokens"] == cached
+    ids = tokenizer.encode(prompt)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False)
+    assert second.choices[0].text == tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+    again = client.completions.create(prompt=prompt, **kwargs)  # the whole prompt but its last block
+    assert again.usage.prompt_tokens_details.cached_tokens >= len(ids) - 32
+    assert again.choices[0].text == second.choices[0].text
+    metrics = httpx.get(server.url + "/metrics").text
+    hits = [ln for ln in metrics.splitlines() if ln.startswith("trieserve_prefix_cache_hit_tokens_total ")]
+    assert hits and float(hits[0].split()[-1]) >= cached
