@@ -7,8 +7,9 @@ about again. The store keeps them in blocks of `block` tokens, each keyed by a h
 token prefix up to its end (a chain: block i's key hashes block i-1's key and its own tokens), so
 a lookup walks the prompt's blocks and stops at the first it does not hold. Only full blocks are
 stored, and a lookup leaves at least one prompt token to compute (the first token's logits come
-from it). Blocks are evicted least recently used first when the store passes its byte budget; a
-block whose parent was evicted is unreachable and goes out with the next evictions.
+from it). Blocks are evicted least recently used first when the store passes its byte budget,
+and within a chain its deepest block first, so what stays is always a reachable prefix; a prompt
+longer than the budget keeps its leading blocks.
 
 What is stored is a copy (one [layers, 2, kv heads, block, head dim] tensor per block), taken
 from a full-cache prefill when it completes, before decoding appends anything; a hit copies the
@@ -55,21 +56,28 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self.blocks)
 
+    def _touch(self, keys: list[bytes]) -> None:
+        """Mark a chain used, its deepest block least recent: eviction takes a chain's tail
+        before its head, so what stays is always a reachable prefix."""
+        for key in reversed(keys):
+            self.blocks.move_to_end(key)
+
     def load(self, cache: KVCache, prompt_ids: list[int]) -> int:
         """Copy the longest stored prefix of `prompt_ids` (whole blocks, leaving at least one
         token) into the empty `cache`; returns how many tokens it covers."""
         if any(layer.length for layer in cache.layers):
             raise ValueError("a prefix is loaded into an empty cache only")
         self.queried_tokens += len(prompt_ids)
-        found = []
+        keys, found = [], []
         for key in block_keys(prompt_ids, self.block, limit=len(prompt_ids) - 1):
             data = self.blocks.get(key)
             if data is None:
                 break
-            self.blocks.move_to_end(key)
+            keys.append(key)
             found.append(data)
         if not found:
             return 0
+        self._touch(keys)
         rows = torch.cat(found, dim=3) if len(found) > 1 else found[0]  # [L, 2, H, n, D]
         for i, layer in enumerate(cache.layers):
             layer.update(rows[i, 0].unsqueeze(0), rows[i, 1].unsqueeze(0))
@@ -78,29 +86,33 @@ class PrefixCache:
         return covered
 
     def store(self, cache: KVCache, prompt_ids: list[int]) -> int:
-        """Add the full blocks of a just-prefilled prompt that the store lacks (the cache must
-        hold exactly the prompt's rows, every one real); returns how many blocks were added."""
-        if self.capacity_bytes <= 0:
-            return 0
+        """Add the leading full blocks of a just-prefilled prompt that the store lacks, as many
+        as the budget holds (the cache must hold exactly the prompt's rows, every one real);
+        older chains' tails make room first, never this prompt's own blocks. Returns how many
+        blocks were added."""
         if any(layer.length != len(prompt_ids) or layer.valid_rows() is not None for layer in cache.layers):
             raise ValueError("only a full cache holding exactly the prompt's rows can be stored")
+        keys = block_keys(prompt_ids, self.block)
+        if not keys or self.capacity_bytes <= 0:
+            return 0
+        per_block = sum(2 * layer.keys[0, :, : self.block].nbytes for layer in cache.layers)
+        keys = keys[: self.capacity_bytes // per_block]
+        chain = set(keys)
         added = 0
-        for i, key in enumerate(block_keys(prompt_ids, self.block)):
+        for i, key in enumerate(keys):
             if key in self.blocks:
-                self.blocks.move_to_end(key)
                 continue
             lo, hi = i * self.block, (i + 1) * self.block
             data = torch.stack(
                 [torch.stack((layer.keys[0, :, lo:hi], layer.values[0, :, lo:hi])) for layer in cache.layers]
             )
-            if data.nbytes > self.capacity_bytes:
-                return added
+            while self.nbytes + data.nbytes > self.capacity_bytes:
+                old = next(k for k in self.blocks if k not in chain)  # exists: the chain fits the budget
+                self.nbytes -= self.blocks.pop(old).nbytes
             self.blocks[key] = data
             self.nbytes += data.nbytes
             added += 1
-            while self.nbytes > self.capacity_bytes:
-                _, old = self.blocks.popitem(last=False)
-                self.nbytes -= old.nbytes
+        self._touch(keys)
         return added
 
     def clear(self) -> None:

@@ -343,10 +343,9 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[i
     """OpenAI's logit_bias ({"token id": bias in [-100, 100]}) as (id, bias) pairs."""
     pairs: dict[int, float] = {}
     for key, value in (bias or {}).items():
-        try:
-            token = int(key)
-        except ValueError:
-            raise InvalidRequestError(f"logit_bias keys are token ids, got {key!r}", "logit_bias") from None
+        if not (key.isascii() and key.isdigit()):
+            raise InvalidRequestError(f"logit_bias keys are token ids, got {key!r}", "logit_bias")
+        token = int(key)
         if token in pairs:
             raise InvalidRequestError(f"logit_bias names token {token} twice", "logit_bias")
         pairs[token] = value
@@ -461,7 +460,7 @@ class _Logprobs:
     def format_prompt(self, prompt_ids: list[int], items: list[TokenLogprob], echo_len: int) -> dict:
         """The completions API's logprobs of an echoed prompt (its first token has none); the
         completion's offsets then start after the echoed text's `echo_len` characters."""
-        prompt = Offsets(self.pieces)
+        prompt = Offsets(self.pieces, skip_special=False)  # the echoed prompt keeps its special tokens
         out = {
             "tokens": [self.pieces.text(t) for t in prompt_ids],
             "token_logprobs": [None] + [_finite(i.logprob) for i in items],

@@ -276,7 +276,7 @@ class Engine:
         else:
             seq.state["prefill_at"] = 0
             if self.prefix_cache is not None and seq.request.prompt_logprobs is None:  # those need every row
-                seq.state["prefill_at"] = seq.stats.cached_tokens = self.prefix_cache.load(seq.cache, seq.prompt_ids)
+                seq.state["prefill_at"] = seq.stats.cached_tokens = self._prefix_load(seq)
 
     def _prefill_rows(self, seq: Sequence) -> StepRows:
         """The sequence's next prefill chunk (no eviction); only its last row's logits are kept,
@@ -302,8 +302,24 @@ class Engine:
         if seq.state["prefill_at"] == len(seq.prompt_ids):
             del seq.state["prefill_at"]
             if self.prefix_cache is not None:  # the cache holds exactly the prompt's rows now
-                self.prefix_cache.store(seq.cache, seq.prompt_ids)
+                self._prefix_store(seq)
             self._first_token(seq, logits[-1], time.perf_counter())
+
+    # the prefix cache is an optimisation: its failure (out of memory copying blocks) costs the
+    # request its hit, never the request, nor the others in its step
+    def _prefix_load(self, seq: Sequence) -> int:
+        try:
+            return self.prefix_cache.load(seq.cache, seq.prompt_ids)
+        except Exception:
+            log.warning("prefix cache lookup failed; prefilling the whole prompt", exc_info=True)
+            seq.cache = self.runner.new_cache()
+            return 0
+
+    def _prefix_store(self, seq: Sequence) -> None:
+        try:
+            self.prefix_cache.store(seq.cache, seq.prompt_ids)
+        except Exception:
+            log.warning("prefix cache store failed; the prompt is not kept", exc_info=True)
 
     def _prefill_evicting(self, seq: Sequence) -> None:
         """One chunk of an evicting prefill; after the last, its first token."""

@@ -38,7 +38,10 @@ class TokenPieces:
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.special = set(tokenizer.all_special_ids)
+        # what decoding with skip_special_tokens drops: the named special tokens and every added
+        # token marked special (SmolLM2's <file_sep>, <filename>, ... are not among the named ones)
+        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        self.special = set(tokenizer.all_special_ids) | {i for i, t in decoder.items() if getattr(t, "special", False)}
         self._bytes: dict[int, bytes] = {}
 
     def bytes(self, token_id: int) -> bytes:
@@ -82,14 +85,15 @@ def pieces_for(tokenizer) -> TokenPieces:
 class Offsets:
     """Character offsets of tokens in a text decoded from them, token by token across calls."""
 
-    def __init__(self, pieces: TokenPieces, start: int = 0) -> None:
+    def __init__(self, pieces: TokenPieces, start: int = 0, skip_special: bool = True) -> None:
         self.pieces = pieces
         self.at = start
+        self.skip_special = skip_special  # False for text decoded with its special tokens (an echoed prompt)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def next(self, token_id: int) -> int:
         """Where `token_id` starts; moves past it."""
         here = self.at
-        if self.pieces.visible(token_id):
+        if not self.skip_special or self.pieces.visible(token_id):
             self.at += len(self._decoder.decode(self.pieces.bytes(token_id)))
         return here

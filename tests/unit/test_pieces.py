@@ -53,3 +53,20 @@ def test_offsets_index_the_decoded_text_with_special_tokens_skipped(tokenizer, t
         else:  # it starts inside a character: placed at that character
             assert got[k] == 5 + len(before) - 1
     assert offsets.at == 5 + len(text)
+
+
+def test_every_token_decoding_skips_counts_as_special(tokenizer):
+    pieces = TokenPieces(tokenizer)
+    ids = tokenizer.encode("hi<file_sep> there", add_special_tokens=False)
+    sep = tokenizer.convert_tokens_to_ids("<file_sep>")
+    assert sep in ids and sep not in tokenizer.all_special_ids  # added and special, but not named
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "hi there"
+    assert not pieces.visible(sep)
+    offsets = Offsets(pieces)
+    assert [offsets.next(i) for i in ids][-1] == len("hi")
+    assert offsets.at == len("hi there")
+    # an echoed prompt keeps its special tokens: they take their width there
+    kept = Offsets(pieces, skip_special=False)
+    starts = [kept.next(i) for i in ids]
+    text = tokenizer.decode(ids)
+    assert kept.at == len(text) and text[starts[ids.index(sep)] :].startswith("<file_sep>")

@@ -47,15 +47,21 @@ def test_a_lookup_leaves_a_token_to_compute(runner):
     assert store.load(runner.new_cache(), PROMPT[:65]) == 64
 
 
-def test_the_store_stays_within_its_bytes_least_recently_used_out(runner):
+def test_the_store_stays_within_its_bytes_and_keeps_reachable_prefixes(runner):
     cache = runner.new_cache()
     runner.prefill(cache, PROMPT)
     block_bytes = cache.nbytes() // cache.layers[0].capacity * 32  # one block of rows, all layers
     store = PrefixCache(capacity_bytes=2 * block_bytes)
-    store.store(cache, PROMPT)
-    assert len(store) == 2 and store.nbytes <= 2 * block_bytes
-    # the first block went out first, so the prompt's prefix no longer hits
-    assert store.load(runner.new_cache(), PROMPT) == 0
+    assert store.store(cache, PROMPT) == 2  # a prompt longer than the budget keeps its leading blocks
+    assert len(store) == 2 and store.nbytes == 2 * block_bytes
+    assert store.load(runner.new_cache(), PROMPT) == 64
+    # another prompt makes room by evicting the older chain's deepest block, not its head
+    other = [t + 1 for t in PROMPT[:40]]
+    cache2 = runner.new_cache()
+    runner.prefill(cache2, other)
+    assert store.store(cache2, other) == 1 and store.nbytes == 2 * block_bytes
+    assert store.load(runner.new_cache(), PROMPT) == 32
+    assert store.load(runner.new_cache(), other) == 32
     tiny = PrefixCache(capacity_bytes=block_bytes // 2)  # not even one block fits: nothing is kept
     assert tiny.store(cache, PROMPT) == 0 and tiny.nbytes == 0
 
