@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -501,73 +502,90 @@ def _finite(logprob: float) -> float:
 async def _respond(
     request: Request, state, engine, body: SamplingFields, gen: GenerationRequest, chat: bool, echo: str | None = None
 ):
+    """Submit the request's `n` sequences (choice i samples with seed + i when a seed is given)
+    and answer with all of them, streamed or whole."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    seq = engine.submit(gen, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+    seqs = []
+    try:
+        for i in range(body.n):
+            gen_i = gen if i == 0 or gen.params.seed is None else _with_seed(gen, gen.params.seed + i)
+            seqs.append(engine.submit(gen_i, lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev))))
+    except Exception:  # the queue filled half-way: none of this request's sequences run
+        for seq in seqs:
+            seq.cancelled.set()
+        raise
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         timeout = state.settings.request_timeout_s
-        formatter = _Logprobs(state.tokenizer, chat) if gen.logprobs is not None else None
-        stream = _stream(events, seq, rid, created, state.model_name, chat, include_usage, timeout, formatter, echo)
+        formatters = [_Logprobs(state.tokenizer, chat) if gen.logprobs is not None else None for _ in seqs]
+        stream = _stream(events, seqs, rid, created, state.model_name, chat, include_usage, timeout, formatters, echo)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    text: list[str] = [echo or ""]
-    logprobs: list[TokenLogprob] = []
-    prompt_logprobs: list[TokenLogprob] = []
+    text: list[list[str]] = [[echo or ""] for _ in seqs]
+    logprobs: list[list[TokenLogprob]] = [[] for _ in seqs]
+    prompt_logprobs: list[list[TokenLogprob]] = [[] for _ in seqs]
+    finished: dict[int, Finish] = {}
     deadline = loop.time() + state.settings.request_timeout_s
     next_poll = loop.time() + 0.25
     try:
-        while True:
+        while len(finished) < len(seqs):
             # the deadline and the client's connection are checked however fast tokens arrive
             now = loop.time()
             if now >= deadline:
-                seq.cancelled.set()
                 raise RequestTimeoutError(f"the request did not finish within {state.settings.request_timeout_s:g} s")
             if now >= next_poll:
                 next_poll = now + 0.25
                 if await request.is_disconnected():
-                    seq.cancelled.set()
                     return Response(status_code=499)
             try:
-                ev = await asyncio.wait_for(events.get(), timeout=min(0.25, deadline - now))
+                i, ev = await asyncio.wait_for(events.get(), timeout=min(0.25, deadline - now))
             except asyncio.TimeoutError:
                 continue
             if isinstance(ev, Delta):
-                text.append(ev.text)
-                logprobs += ev.logprobs or []
-                prompt_logprobs += ev.prompt_logprobs or []
+                text[i].append(ev.text)
+                logprobs[i] += ev.logprobs or []
+                prompt_logprobs[i] += ev.prompt_logprobs or []
             elif isinstance(ev, Failure):
                 raise ev.error
             elif isinstance(ev, Finish):
-                break
-    except asyncio.CancelledError:
-        seq.cancelled.set()
-        raise
-    content = "".join(text)
-    lp = None
-    if gen.logprobs is not None:
-        formatter = _Logprobs(state.tokenizer, chat)
-        if echo is not None:
-            prompt_lp = formatter.format_prompt(gen.prompt_ids, prompt_logprobs, len(echo))
-            lp = _join(prompt_lp, formatter.format(logprobs))
-        else:
-            lp = formatter.format(logprobs)
-    choice = (
-        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": ev.reason, "logprobs": lp}
-        if chat
-        else {"index": 0, "text": content, "finish_reason": ev.reason, "logprobs": lp}
-    )
+                finished[i] = ev
+    finally:  # a failure, timeout, disconnect or cancellation: the others stop too (no-op when done)
+        for seq in seqs:
+            seq.cancelled.set()
+    choices = []
+    for i in range(len(seqs)):
+        content = "".join(text[i])
+        lp = None
+        if gen.logprobs is not None:
+            formatter = _Logprobs(state.tokenizer, chat)
+            if echo is not None:
+                prompt_lp = formatter.format_prompt(gen.prompt_ids, prompt_logprobs[i], len(echo))
+                lp = _join(prompt_lp, formatter.format(logprobs[i]))
+            else:
+                lp = formatter.format(logprobs[i])
+        reason = finished[i].reason
+        choices.append(
+            {"index": i, "message": {"role": "assistant", "content": content}, "finish_reason": reason, "logprobs": lp}
+            if chat
+            else {"index": i, "text": content, "finish_reason": reason, "logprobs": lp}
+        )
+    ends = [finished[i] for i in range(len(seqs))]
     return {
         "id": rid,
         "object": "chat.completion" if chat else "text_completion",
         "created": created,
         "model": state.model_name,
-        "choices": [choice],
-        "usage": _usage(ev),
-        "stats": ev.stats,
+        "choices": choices,
+        "usage": _usage(ends),
+        "stats": _merged_stats(ends),
     }
+
+
+def _with_seed(gen: GenerationRequest, seed: int) -> GenerationRequest:
+    return dataclasses.replace(gen, params=dataclasses.replace(gen.params, seed=seed))
 
 
 def _join(a: dict, b: dict) -> dict:
@@ -577,20 +595,25 @@ def _join(a: dict, b: dict) -> dict:
 
 async def _stream(
     events,
-    seq,
+    seqs,
     rid,
     created,
     model,
     chat,
     include_usage,
     timeout_s,
-    formatter: _Logprobs | None = None,
+    formatters: list[_Logprobs | None],
     echo: str | None = None,
 ) -> AsyncIterator[str]:
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(
-        delta_text: str | None, finish_reason: str | None, first: bool = False, logprobs: dict | None = None, **extra
+        index: int,
+        delta_text: str | None,
+        finish_reason: str | None,
+        first: bool = False,
+        logprobs: dict | None = None,
+        **extra,
     ) -> str:
         if chat:
             delta = (
@@ -600,32 +623,38 @@ async def _stream(
                 if delta_text
                 else {}
             )
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
+            choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": delta_text or "", "finish_reason": finish_reason, "logprobs": logprobs}
+            choice = {"index": index, "text": delta_text or "", "finish_reason": finish_reason, "logprobs": logprobs}
         payload = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice], **extra}
         return f"data: {json.dumps(payload)}\n\n"
 
+    echoes = [echo] * len(seqs)  # each choice's prompt, until sent
+    finished: dict[int, Finish] = {}
     try:
-        if chat:
-            yield chunk("", None, first=True)
-        if echo is not None and formatter is None:  # the prompt at once, in a chunk of its own
-            yield chunk(echo, None)
-            echo = None
+        for i, formatter in enumerate(formatters):
+            if chat:
+                yield chunk(i, "", None, first=True)
+            if echoes[i] is not None and formatter is None:  # the prompt at once, in a chunk of its own
+                yield chunk(i, echoes[i], None)
+                echoes[i] = None
         deadline = asyncio.get_running_loop().time() + timeout_s
-        while True:
+        while len(finished) < len(seqs):
             try:
-                ev = await asyncio.wait_for(events.get(), timeout=max(deadline - asyncio.get_running_loop().time(), 0))
+                i, ev = await asyncio.wait_for(
+                    events.get(), timeout=max(deadline - asyncio.get_running_loop().time(), 0)
+                )
             except asyncio.TimeoutError:
-                ev = Failure(RequestTimeoutError(f"the request did not finish within {timeout_s:g} s"))
+                i, ev = 0, Failure(RequestTimeoutError(f"the request did not finish within {timeout_s:g} s"))
+            formatter = formatters[i]
             if isinstance(ev, Delta):
-                if echo is not None:  # with its logprobs, which come with the first delta after prefill
-                    prompt_lp = formatter.format_prompt(seq.prompt_ids, ev.prompt_logprobs or [], len(echo))
-                    yield chunk(echo, None, logprobs=prompt_lp)
-                    echo = None
+                if echoes[i] is not None:  # with its logprobs, which come with the first delta after prefill
+                    prompt_lp = formatter.format_prompt(seqs[i].prompt_ids, ev.prompt_logprobs or [], len(echoes[i]))
+                    yield chunk(i, echoes[i], None, logprobs=prompt_lp)
+                    echoes[i] = None
                 if ev.text or ev.logprobs:
                     logprobs = formatter.format(ev.logprobs) if formatter is not None and ev.logprobs else None
-                    yield chunk(ev.text, None, logprobs=logprobs)
+                    yield chunk(i, ev.text, None, logprobs=logprobs)
             elif isinstance(ev, Failure):
                 err = ev.error
                 body = (
@@ -636,32 +665,50 @@ async def _stream(
                 yield f"data: {json.dumps(body)}\n\n"
                 break
             elif isinstance(ev, Finish):
-                yield chunk(None, ev.reason, stats=ev.stats)
-                if include_usage:
-                    usage = {
-                        "id": rid,
-                        "object": kind,
-                        "created": created,
-                        "model": model,
-                        "choices": [],
-                        "usage": _usage(ev),
-                        "stats": ev.stats,
-                    }
-                    yield f"data: {json.dumps(usage)}\n\n"
-                break
+                finished[i] = ev
+                yield chunk(i, None, ev.reason, stats=ev.stats)
+        if include_usage and len(finished) == len(seqs):
+            ends = [finished[i] for i in range(len(seqs))]
+            usage = {
+                "id": rid,
+                "object": kind,
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": _usage(ends),
+                "stats": _merged_stats(ends),
+            }
+            yield f"data: {json.dumps(usage)}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        # runs when the client goes away mid-stream too: the engine drops the sequence next step
-        seq.cancelled.set()
+        # runs when the client goes away mid-stream too: the engine drops the sequences next step
+        for seq in seqs:
+            seq.cancelled.set()
 
 
-def _usage(ev: Finish) -> dict:
+def _merged_stats(ends: list[Finish]) -> dict:
+    """One request's `stats` over its choices: work summed; the prompt's figures (KV, cache
+    hits) from the first choice, as its prompt is everyone's."""
+    if len(ends) == 1:
+        return ends[0].stats
+    stats = dict(ends[0].stats)
+    for key in ("forward_passes", "draft_tokens", "accepted_tokens", "prefill_s", "decode_s"):
+        stats[key] = sum(e.stats[key] for e in ends)
+    completion = sum(e.completion_tokens for e in ends)
+    stats["tokens_per_forward"] = round(completion / stats["forward_passes"], 4) if stats["forward_passes"] else 0.0
+    return stats
+
+
+def _usage(ends: list[Finish]) -> dict:
+    """OpenAI's usage of a request: the prompt once, the completion tokens of every choice."""
+    prompt = ends[0].prompt_tokens
+    completion = sum(e.completion_tokens for e in ends)
     return {
-        "prompt_tokens": ev.prompt_tokens,
-        "completion_tokens": ev.completion_tokens,
-        "total_tokens": ev.prompt_tokens + ev.completion_tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
         # OpenAI's: prompt tokens whose prefill the prefix cache saved
-        "prompt_tokens_details": {"cached_tokens": ev.stats.get("cached_prompt_tokens", 0)},
+        "prompt_tokens_details": {"cached_tokens": ends[0].stats.get("cached_prompt_tokens", 0)},
     }
 
 

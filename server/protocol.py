@@ -36,7 +36,7 @@ class SamplingFields(NullIsDefault):
     model: str | None = None
     temperature: Annotated[Float, Field(ge=0.0, le=100.0)] = 1.0
     top_p: Annotated[Float, Field(gt=0.0, le=1.0)] = 1.0
-    n: Annotated[int, Field(ge=1, le=1, description="only n=1 is supported")] = 1
+    n: Annotated[int, Field(ge=1, le=16, description="choices per request, each its own sequence (at most 16)")] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None

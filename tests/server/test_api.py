@@ -144,7 +144,8 @@ def test_unknown_fields_are_ignored(server):
         ("/v1/completions", {"prompt": [1, 2, 10**9]}, 400, "prompt"),
         ("/v1/completions", {"prompt": "hi", "max_tokens": 10**6}, 400, "max_tokens"),
         ("/v1/completions", {"prompt": "word " * 9000}, 400, "prompt"),
-        ("/v1/completions", {"prompt": "hi", "n": 3}, 400, "n"),
+        ("/v1/completions", {"prompt": "hi", "n": 17}, 400, "n"),
+        ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n"),
         # text JSON can carry that is not text: a lone surrogate
         ("/v1/completions", {"prompt": "abc\ud800", "max_tokens": 2}, 400, "prompt"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\udfff"}]}, 400, "messages.0.content"),
@@ -510,3 +511,31 @@ def test_a_shared_prefix_is_served_from_the_prefix_cache(client, server, tokeniz
     metrics = httpx.get(server.url + "/metrics").text
     hits = [ln for ln in metrics.splitlines() if ln.startswith("trieserve_prefix_cache_hit_tokens_total ")]
     assert hits and float(hits[0].split()[-1]) >= cached
+
+
+def test_n_choices_are_separate_sequences_streamed_or_whole(client):
+    kwargs = dict(model="SmolLM2-135M-Instruct", prompt="Once upon a time", max_tokens=12, temperature=0.9, seed=11)
+    whole = client.completions.create(n=3, **kwargs)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    assert len({c.text for c in whole.choices}) > 1  # sampled with different seeds
+    single = client.completions.create(**kwargs)
+    # the prompt counts once, the completions of every choice add up, and so does the work
+    assert whole.usage.completion_tokens == 36 and whole.usage.prompt_tokens == single.usage.prompt_tokens
+    assert whole.model_extra["stats"]["forward_passes"] > single.model_extra["stats"]["forward_passes"]
+    # choice 0 is the n=1 request with the same seed; the whole set is reproducible
+    assert single.choices[0].text == whole.choices[0].text
+    assert [c.text for c in client.completions.create(n=3, **kwargs).choices] == [c.text for c in whole.choices]
+    # streamed: chunks of every choice, each ending with its own finish_reason, then one usage
+    chunks = list(client.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **kwargs))
+    texts, reasons = ["", "", ""], [None, None, None]
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.text
+            reasons[choice.index] = choice.finish_reason or reasons[choice.index]
+    assert texts == [c.text for c in whole.choices] and reasons == ["length"] * 3
+    assert chunks[-1].usage.completion_tokens == 36
+    # chat, greedy: every choice is the greedy answer
+    chat = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=CHAT, max_tokens=8, temperature=0, n=2
+    )
+    assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content
