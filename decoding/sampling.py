@@ -31,6 +31,8 @@ class SamplingParams:
     seed: int | None = None
     min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one (vLLM's)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), OpenAI's
+    min_tokens: int = 0  # before this many output tokens, `end_ids` cannot be chosen (vLLM's)
+    end_ids: frozenset[int] = frozenset()  # the tokens that would end the sequence (EOS, stop ids)
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:
@@ -41,6 +43,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not self.repetition_penalty > 0.0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
 
@@ -57,6 +61,7 @@ class SamplingParams:
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
             or bool(self.logit_bias)
+            or (self.min_tokens > 0 and bool(self.end_ids))
         )
 
 
@@ -74,7 +79,7 @@ def apply_penalties(
     logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int], output_ids: Sequence[int]
 ) -> torch.Tensor:
     """Repetition penalty (HF/CTRL style, over prompt + output), OpenAI presence/frequency
-    penalties (over output only), then OpenAI's logit bias. logits: [V] fp32; returns a new
+    penalties (over output only), OpenAI's logit bias, then min_tokens' ban on ending. logits: [V] fp32; returns a new
     tensor. Results are clamped to +-LOGIT_BOUND: a tiny repetition penalty divides a logit past
     fp32's range, and inf logits would make the distribution NaN."""
     if not params.has_penalties:
@@ -91,6 +96,8 @@ def apply_penalties(
     if params.logit_bias:
         ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long, device=logits.device)
         logits[ids] += torch.tensor([b for _, b in params.logit_bias], dtype=logits.dtype, device=logits.device)
+    if len(output_ids) < params.min_tokens and params.end_ids:  # too early to end
+        logits[torch.tensor(sorted(params.end_ids), dtype=torch.long, device=logits.device)] = float("-inf")
     return logits.clamp_(-LOGIT_BOUND, LOGIT_BOUND)
 
 

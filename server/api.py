@@ -321,7 +321,7 @@ def _unsupported(body: SamplingFields) -> tuple[str, str] | None:
     if extra.get("tool_choice") not in (None, "none", "auto"):
         return "tool_choice", "tool calls are not supported"
     # OpenAI's, then vLLM's sampling and structured-output extensions
-    for name in ("tools", "functions", "min_tokens", "bad_words"):
+    for name in ("tools", "functions", "bad_words"):
         if extra.get(name):
             return name, f"{name} is not supported"
     for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
@@ -393,6 +393,10 @@ def _generation_request(
             f"exceeds this model's context of {context} tokens",
             "max_tokens",
         )
+    if body.min_tokens > max_tokens:
+        raise InvalidRequestError(
+            f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens"
+        )
     try:
         params = SamplingParams(
             temperature=body.temperature,
@@ -403,6 +407,7 @@ def _generation_request(
             frequency_penalty=body.frequency_penalty,
             seed=body.seed,
             min_p=body.min_p,
+            min_tokens=body.min_tokens,
             logit_bias=_logit_bias(body.logit_bias, state.vocab_size),
         )
     except ValueError as exc:

@@ -48,6 +48,7 @@ class SamplingFields(NullIsDefault):
     top_k: Annotated[int, Field(ge=-1, le=1_000_000)] = 0
     repetition_penalty: Annotated[Float, Field(gt=0.0, le=100.0)] = 1.0
     min_p: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.0
+    min_tokens: Annotated[int, Field(ge=0)] = 0
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[int], Field(max_length=64)] | None = None
     logit_bias: Annotated[dict[str, Annotated[Float, Field(ge=-100.0, le=100.0)]], Field(max_length=1024)] | None = None

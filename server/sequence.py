@@ -96,11 +96,12 @@ class TextTracker:
         self.text = ""
         self.sent = 0
 
-    def add(self, token_id: int) -> bool:
-        """Append a token; True when a stop string is now complete (text is cut before it)."""
+    def add(self, token_id: int, check: bool = True) -> bool:
+        """Append a token; True when a stop string is now complete (text is cut before it).
+        `check` False: stop strings are not looked for yet (before min_tokens)."""
         self.ids.append(token_id)
         self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if self.stop:
+        if self.stop and check:
             lo = max(0, self.sent - self.hold - 8)
             hits = [i for i in (self.text.find(s, lo) for s in self.stop) if i >= 0]
             if hits:
@@ -162,7 +163,7 @@ class Sequence:
             if tok in self.eos_ids:
                 self.finish_reason = "stop"
                 break
-            if self.text.add(tok):
+            if self.text.add(tok, check=len(self.output_ids) >= self.params.min_tokens):
                 self.finish_reason = "stop"
                 break
             if len(self.output_ids) >= self.request.max_tokens:

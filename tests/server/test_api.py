@@ -168,7 +168,8 @@ def test_unknown_fields_are_ignored(server):
         ("/v1/completions", {"prompt": "hi", "min_p": 1.5}, 400, "min_p"),
         ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
         ("/v1/completions", {"prompt": "hi", "best_of": 3}, 400, "best_of"),
-        ("/v1/completions", {"prompt": "hi", "min_tokens": 5}, 400, "min_tokens"),
+        ("/v1/completions", {"prompt": "hi", "min_tokens": 50, "max_tokens": 5}, 400, "min_tokens"),
+        ("/v1/completions", {"prompt": "hi", "min_tokens": -1}, 400, "min_tokens"),
         ("/v1/completions", {"prompt": "hi", "guided_json": {"type": "object"}}, 400, "guided_json"),
         ("/v1/completions", {"prompt": "hi", "stop": ["ok", "\ud800"]}, 400, "stop"),
         (
@@ -539,3 +540,27 @@ def test_n_choices_are_separate_sequences_streamed_or_whole(client):
         model="SmolLM2-135M-Instruct", messages=CHAT, max_tokens=8, temperature=0, n=2
     )
     assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_min_tokens_holds_off_eos_and_stop_strings(client, lookahead):
+    kwargs = dict(
+        model="SmolLM2-135M-Instruct",
+        messages=[{"role": "user", "content": "Reply with one word: yes or no?"}],
+        temperature=0,
+        max_tokens=40,
+    )
+    short = client.chat.completions.create(**kwargs, extra_body={"lookahead": lookahead})
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 12
+    held = client.chat.completions.create(**kwargs, extra_body={"lookahead": lookahead, "min_tokens": 12})
+    assert held.usage.completion_tokens >= 12
+    plain = client.chat.completions.create(**kwargs, extra_body={"lookahead": False, "min_tokens": 12})
+    assert held.choices[0].message.content == plain.choices[0].message.content  # lookahead changes nothing
+    # a stop string inside the first min_tokens tokens does not end the answer
+    first_word = short.choices[0].message.content.strip()[:2]
+    stopped = client.chat.completions.create(**kwargs, stop=[first_word], extra_body={"lookahead": lookahead})
+    assert stopped.usage.completion_tokens < 12
+    late = client.chat.completions.create(
+        **kwargs, stop=[first_word], extra_body={"lookahead": lookahead, "min_tokens": 12}
+    )
+    assert late.usage.completion_tokens >= 12

@@ -44,6 +44,19 @@ def test_logit_bias_adds_to_the_named_tokens_and_steers_greedy():
     assert apply_penalties(logits, both, [0], []).tolist() == [2.0, -2.0, 1.0]
 
 
+def test_min_tokens_bans_the_end_tokens_until_enough_are_out():
+    logits = torch.tensor([5.0, 1.0, 0.5])  # token 0 ends the sequence and is the likeliest
+    params = SamplingParams(temperature=0, min_tokens=2, end_ids=frozenset({0}))
+    assert params.has_penalties
+    assert choose_token(logits, params, [], [], None) == 1
+    assert choose_token(logits, params, [], [7], None) == 1
+    assert choose_token(logits, params, [], [7, 7], None) == 0  # two out: it may end now
+    sampled = next_token_distribution(logits, SamplingParams(min_tokens=1, end_ids=frozenset({0})), [], [])
+    assert sampled[0] == 0 and sampled.sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(min_tokens=-1)
+
+
 def test_min_p_drops_tokens_below_a_share_of_the_most_likely():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     kept = warp(torch.log(probs), SamplingParams(temperature=1.0, min_p=0.25)).isfinite()
