@@ -511,15 +511,11 @@ async def _respond(
     and answer with all of them, streamed or whole."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    seqs = []
-    try:
-        for i in range(body.n):
-            gen_i = gen if i == 0 or gen.params.seed is None else _with_seed(gen, gen.params.seed + i)
-            seqs.append(engine.submit(gen_i, lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev))))
-    except Exception:  # the queue filled half-way: none of this request's sequences run
-        for seq in seqs:
-            seq.cancelled.set()
-        raise
+    if body.n > engine.config.max_queue:
+        raise InvalidRequestError(f"n ({body.n}) exceeds the request queue ({engine.config.max_queue})", "n")
+    gens = [gen if i == 0 or gen.params.seed is None else _with_seed(gen, gen.params.seed + i) for i in range(body.n)]
+    emits = [lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev)) for i in range(body.n)]
+    seqs = engine.submit_many(gens, emits)  # all the choices or none (429)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     if body.stream:
@@ -692,15 +688,20 @@ async def _stream(
 
 
 def _merged_stats(ends: list[Finish]) -> dict:
-    """One request's `stats` over its choices: work summed; the prompt's figures (KV, cache
-    hits) from the first choice, as its prompt is everyone's."""
+    """One request's `stats` over its choices, which run in the same batched forwards:
+    forward passes and times are the longest choice's, draft and accepted tokens are summed,
+    tokens per forward is the choices' mean (their tokens over their forwards), and the
+    prompt's figures (KV, cache hits) are the first choice's."""
     if len(ends) == 1:
         return ends[0].stats
     stats = dict(ends[0].stats)
-    for key in ("forward_passes", "draft_tokens", "accepted_tokens", "prefill_s", "decode_s"):
+    for key in ("forward_passes", "prefill_s", "decode_s"):
+        stats[key] = max(e.stats[key] for e in ends)
+    for key in ("draft_tokens", "accepted_tokens"):
         stats[key] = sum(e.stats[key] for e in ends)
+    forwards = sum(e.stats["forward_passes"] for e in ends)
     completion = sum(e.completion_tokens for e in ends)
-    stats["tokens_per_forward"] = round(completion / stats["forward_passes"], 4) if stats["forward_passes"] else 0.0
+    stats["tokens_per_forward"] = round(completion / forwards, 4) if forwards else 0.0
     return stats
 
 

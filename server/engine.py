@@ -67,6 +67,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._calls: queue.Queue = queue.Queue()  # (fn, done event, result box) run between rounds
         self._calls_lock = threading.Lock()
+        self._submit_lock = threading.Lock()
         self._calls_closed = False  # set once the loop has ended: later calls run in the caller
         self.built_on: threading.Thread | None = None  # the thread that loaded the model (builder)
         self.fault_hook: Callable[[Sequence], None] | None = None  # tests inject per-sequence faults
@@ -141,20 +142,29 @@ class Engine:
 
     # ---- submission (any thread) -------------------------------------------------------------
     def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> Sequence:
+        return self.submit_many([request], [emit])[0]
+
+    def submit_many(self, requests: list[GenerationRequest], emits: list[Callable[[Event], None]]) -> list[Sequence]:
+        """Queue all of `requests` (an `n` > 1 request's choices) or none: QueueFullError when
+        the queue lacks room for all of them."""
         if not self._accepting:
             raise ServerShuttingDownError("the server is shutting down")
-        seq = Sequence(request, self.tokenizer, self.eos_ids, emit)
-        if request.params.min_tokens:  # the tokens min_tokens keeps from ending the sequence
-            seq.params = dataclasses.replace(request.params, end_ids=frozenset(seq.eos_ids))
-        seq.lookahead = self.config.lookahead if request.lookahead is None else request.lookahead
-        seq.lookahead = seq.lookahead and self.speculator is not None
-        seq.max_context = self.runner.max_context
-        try:
-            self.waiting.put_nowait(seq)
-        except queue.Full:
-            raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting)") from None
+        seqs = []
+        for request, emit in zip(requests, emits, strict=True):
+            seq = Sequence(request, self.tokenizer, self.eos_ids, emit)
+            if request.params.min_tokens:  # the tokens min_tokens keeps from ending the sequence
+                seq.params = dataclasses.replace(request.params, end_ids=frozenset(seq.eos_ids))
+            seq.lookahead = self.config.lookahead if request.lookahead is None else request.lookahead
+            seq.lookahead = seq.lookahead and self.speculator is not None
+            seq.max_context = self.runner.max_context
+            seqs.append(seq)
+        with self._submit_lock:  # the room check and the puts as one step
+            if self.waiting.qsize() + len(seqs) > self.config.max_queue:
+                raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting)")
+            for seq in seqs:
+                self.waiting.put_nowait(seq)  # only the engine thread takes: the room stays
         self._wake.set()
-        return seq
+        return seqs
 
     # ---- worker ------------------------------------------------------------------------------
     def _loop(self) -> None:

@@ -6,6 +6,7 @@ EOS, stop strings and max_tokens cut an accepted chunk exactly where plain decod
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -99,11 +100,13 @@ class TextTracker:
     def add(self, token_id: int, check: bool = True) -> bool:
         """Append a token; True when a stop string is now complete (text is cut before it).
         `check` False: stop strings are not looked for yet (before min_tokens)."""
+        before = len(self.text.rstrip("\ufffd"))  # settled text: a stop must end after it
         self.ids.append(token_id)
         self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if self.stop and check:
-            lo = max(0, self.sent - self.hold - 8)
-            hits = [i for i in (self.text.find(s, lo) for s in self.stop) if i >= 0]
+            # only a stop string this token completes: one complete before (while `check` was
+            # off, before min_tokens) does not end the sequence later
+            hits = [i for i in (self.text.find(s, max(0, before - len(s) + 1)) for s in self.stop) if i >= 0]
             if hits:
                 self.text = self.text[: min(hits)]
                 return True
@@ -169,6 +172,9 @@ class Sequence:
             if len(self.output_ids) >= self.request.max_tokens:
                 self.finish_reason = "length"
                 break
+        if self.params.min_tokens and len(self.output_ids) >= self.params.min_tokens:
+            # the ban is over: back to unadjusted logits (and greedy's one-transfer verification)
+            self.params = dataclasses.replace(self.params, min_tokens=0, end_ids=frozenset())
         want = self.request.logprobs
         if want is not None and logits is not None:
             self.unsent_logprobs += token_logprobs(logits, tokens[:used], want)

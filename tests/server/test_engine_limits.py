@@ -43,6 +43,22 @@ def test_full_queue_gets_429_with_retry_after(small_server):
     assert rejected.json()["error"]["type"] == "rate_limit_error"
 
 
+def test_n_choices_queue_all_or_none(small_server):
+    # n above the queue's size can never be served: a 400, not a 429 to retry forever
+    r = httpx.post(small_server.url + "/v1/completions", json={"prompt": "hi", "n": 2, "max_tokens": 2}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    # with one request running and one slot free, n=1 fits; afterwards the queue holds nothing stale
+    body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=small_server.url, timeout=120) as c:
+            return await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(3)))
+
+    codes = sorted(r.status_code for r in asyncio.run(fire()))
+    assert codes.count(200) >= 1 and set(codes) <= {200, 429}
+    assert _metric(small_server.url, "trieserve_queue_length") == 0
+
+
 def test_client_leaving_a_non_streaming_request_cancels_it(small_server):
     """A client that stops waiting for a whole response (an SDK timeout) frees its sequence within
     a step or so: nobody would read the rest."""

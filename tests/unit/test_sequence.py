@@ -83,3 +83,20 @@ def test_logprobs_travel_with_their_text_and_stop_with_the_tokens(tokenizer):
     seq, events = make_seq(tokenizer)
     seq.append(ids, logits)
     assert all(e.logprobs is None for e in events if isinstance(e, Delta))
+
+
+def test_min_tokens_ignores_a_stop_string_completed_before_it_for_good(tokenizer):
+    ids = tokenizer.encode("Yes.\nMaybe later, perhaps.\nNo", add_special_tokens=False)
+    events = []
+    req = GenerationRequest(
+        prompt_ids=[1], max_tokens=100, params=SamplingParams(temperature=0, min_tokens=4), stop=["\n"]
+    )
+    seq = Sequence(req, tokenizer, {2}, events.append)
+    for tok in ids:  # one token per step, as plain decoding appends them
+        seq.append([tok])
+        if seq.done:
+            break
+    text = "".join(e.text for e in events if isinstance(e, Delta))
+    # the first newline came before min_tokens and does not count, then or later; the second ends it
+    assert seq.finish_reason == "stop" and text == "Yes.\nMaybe later, perhaps."
+    assert seq.params.min_tokens == 0  # the ban is over: plain parameters again
