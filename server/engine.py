@@ -216,7 +216,13 @@ class Engine:
                 ready.append(seq)
         decoding = [s for s in ready if s.prefilled and not s.done]
         prefilling = [s for s in ready if not s.prefilled and not s.done]
-        prefilling = [s for s in prefilling if s.cache is not None or self._guarded([s], self._start_prefill)]
+        started: list[Sequence] = []
+        for seq in prefilling:
+            if seq.cache is not None or (
+                not self._sibling_prefilling(seq, started) and self._guarded([seq], self._start_prefill)
+            ):
+                started.append(seq)
+        prefilling = started
         group = self._prefill_group(prefilling)
         if decoding or group:
             self._guarded(decoding + group, lambda _: self._step(decoding, group))
@@ -258,6 +264,23 @@ class Engine:
             self.running.remove(seq)
         if self.speculator is not None:
             self.speculator.release(seq)
+
+    def _sibling_prefilling(self, seq: Sequence, started: list[Sequence]) -> bool:
+        """Whether `seq` should wait for a running full-cache prefill of the same prompt (an
+        `n` > 1 request's choices, or the same prompt sent twice at once): that prefill feeds the
+        prefix cache, so `seq` then loads all but the prompt's last block instead of computing it
+        again."""
+        if self.prefix_cache is None or seq.request.prompt_logprobs is not None:
+            return False
+        if len(seq.prompt_ids) <= self.prefix_cache.block:
+            return False
+        return any(
+            "prefill" not in other.state  # not an evicting prefill: it will store its blocks
+            and len(other.prompt_ids) == len(seq.prompt_ids)
+            and (other.prompt_ids is seq.prompt_ids or other.prompt_ids == seq.prompt_ids)
+            for other in started
+            if not other.prefilled
+        )
 
     def _prefill_group(self, prefilling: list[Sequence]) -> list[Sequence]:
         """Who prefills a chunk in this round's forward: the oldest sequence still prefilling,

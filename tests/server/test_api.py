@@ -565,3 +565,24 @@ def test_min_tokens_holds_off_eos_and_stop_strings(client, lookahead):
     )
     assert late.usage.completion_tokens >= 12
     assert late.choices[0].message.content.startswith(short.choices[0].message.content.strip()[:2])
+
+
+def test_n_choices_prefill_their_prompt_once(client, server, tokenizer):
+    def hits() -> float:
+        for line in httpx.get(server.url + "/metrics").text.splitlines():
+            if line.startswith("trieserve_prefix_cache_hit_tokens_total "):
+                return float(line.split()[-1])
+        raise AssertionError("no prefix cache counter")
+
+    prompt = "A ledger of the harbour, entry by entry: " + " ".join(
+        f"boat {i} left at {i % 12} o'clock." for i in range(40)
+    )
+    n_ids = len(tokenizer.encode(prompt))
+    assert n_ids > 200
+    before = hits()
+    resp = client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=4, temperature=0.9, seed=3, n=3
+    )
+    assert len(resp.choices) == 3
+    # the first choice's prefill feeds the cache; the other two load all but the last block
+    assert hits() - before >= 2 * ((n_ids - 1) // 32) * 32
