@@ -85,6 +85,12 @@ class GrowableLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
+    def reserve(self, rows: int) -> None:
+        """Room for `rows` live rows in the buffers now, so appending up to them copies
+        nothing (an initialised layer; a prefix-cache hit knows the prompt's length)."""
+        if self.is_initialized and rows > self.capacity:
+            self._allocate(self._k.shape[:2], self._k.shape[-1], rows)
+
     def valid_rows(self) -> torch.Tensor | None:
         """bool [B, H, length]: which live rows are real entries (False: a padding row of a head
         that kept fewer rows than the layer holds); None when every row is real."""

@@ -13,7 +13,7 @@ longer than the budget keeps its leading blocks.
 
 What is stored is a copy (one [layers, 2, kv heads, block, head dim] tensor per block), taken
 from a full-cache prefill when it completes, before decoding appends anything; a hit copies the
-blocks into the new sequence's own cache, so sequences never share buffers and eviction, draft
+blocks once into the new sequence's own cache, sized for the whole prompt, so sequences never share buffers and eviction, draft
 fix-ups and cancellation stay per sequence. Prefills that evict (DefensiveKV and the other
 policies) neither read nor feed the store: their caches do not hold the prompt's rows.
 """
@@ -78,9 +78,11 @@ class PrefixCache:
         if not found:
             return 0
         self._touch(keys)
-        rows = torch.cat(found, dim=3) if len(found) > 1 else found[0]  # [L, 2, H, n, D]
-        for i, layer in enumerate(cache.layers):
-            layer.update(rows[i, 0].unsqueeze(0), rows[i, 1].unsqueeze(0))
+        for i, layer in enumerate(cache.layers):  # each block copied once, into room for the whole prompt
+            for j, data in enumerate(found):  # data: [L, 2, H, block, D]
+                layer.update(data[i, 0].unsqueeze(0), data[i, 1].unsqueeze(0))
+                if j == 0:
+                    layer.reserve(len(prompt_ids))
         covered = len(found) * self.block
         self.hit_tokens += covered
         return covered

@@ -18,7 +18,6 @@ Errors inside one sequence's step fail that sequence only.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import queue
 import threading
@@ -152,8 +151,6 @@ class Engine:
         seqs = []
         for request, emit in zip(requests, emits, strict=True):
             seq = Sequence(request, self.tokenizer, self.eos_ids, emit)
-            if request.params.min_tokens:  # the tokens min_tokens keeps from ending the sequence
-                seq.params = dataclasses.replace(request.params, end_ids=frozenset(seq.eos_ids))
             seq.lookahead = self.config.lookahead if request.lookahead is None else request.lookahead
             seq.lookahead = seq.lookahead and self.speculator is not None
             seq.max_context = self.runner.max_context

@@ -133,6 +133,8 @@ class Sequence:
         self.prompt_ids = request.prompt_ids
         self.output_ids: list[int] = []
         self.eos_ids = (set() if request.ignore_eos else set(eos_ids)) | set(request.stop_token_ids)
+        if self.params.min_tokens:  # the tokens min_tokens keeps from ending the sequence
+            self.params = dataclasses.replace(self.params, end_ids=frozenset(self.eos_ids))
         self.text = TextTracker(tokenizer, request.stop)
         self.emit = emit
         self.stats = Stats()

@@ -101,3 +101,19 @@ def test_client_disconnect_cancels_generation(small_server):
         small_server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "temperature": 0}, timeout=60
     )
     assert r.status_code == 200 and time.monotonic() - start < 10
+
+
+def test_submit_many_queues_every_choice_or_none(runner, tokenizer):
+    from trieserve.decoding.sampling import SamplingParams
+    from trieserve.server.engine import Engine, EngineConfig
+    from trieserve.server.errors import QueueFullError
+    from trieserve.server.sequence import GenerationRequest
+
+    engine = Engine(runner, tokenizer, EngineConfig(max_queue=3))  # never started: nothing leaves the queue
+    request = GenerationRequest([1, 2, 3], 4, SamplingParams(temperature=0))
+    engine.submit(request, lambda ev: None)
+    with pytest.raises(QueueFullError):
+        engine.submit_many([request] * 3, [lambda ev: None] * 3)  # 1 + 3 > 3: none of the three
+    assert engine.queue_length == 1
+    seqs = engine.submit_many([request] * 2, [lambda ev: None] * 2)  # 1 + 2 fits
+    assert engine.queue_length == 3 and len(seqs) == 2 and seqs[0] is not seqs[1]

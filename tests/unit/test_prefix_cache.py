@@ -28,9 +28,13 @@ def test_a_hit_loads_the_same_rows_and_the_rest_prefills_to_the_same_logits(runn
     cache = runner.new_cache()
     hit = store.load(cache, other)
     assert hit == 64 and cache.lengths() == [64] * runner.num_layers
+    # room for the whole prompt: the rest of the prefill appends without moving the loaded rows
+    buffers = [layer._k.data_ptr() for layer in cache.layers]
+    assert all(layer.capacity >= len(other) for layer in cache.layers)
     for mine, theirs in zip(cache.layers, first.layers, strict=True):
         assert torch.equal(mine.keys, theirs.keys[:, :, :64]) and torch.equal(mine.values, theirs.values[:, :, :64])
     logits = runner.prefill(cache, other, start=hit)
+    assert [layer._k.data_ptr() for layer in cache.layers] == buffers
     reference = runner.prefill(runner.new_cache(), other)
     assert torch.allclose(logits, reference, atol=1e-4), (logits - reference).abs().max()
     assert int(logits.argmax()) == int(reference.argmax())
