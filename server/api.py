@@ -422,6 +422,9 @@ def _generation_request(
     if echo and logprobs is not None and (body.kv_policy or state.settings.kv_policy) != "full":
         # an evicting prefill scores and drops entries chunk by chunk: its rows are not the model's
         raise InvalidRequestError("echo with logprobs needs kv_policy 'full' (the prompt's logprobs)", "echo")
+    window = state.settings.kv_window
+    if body.kv_regrow is not None and 0 < body.kv_regrow < window:
+        raise InvalidRequestError(f"kv_regrow must be 0 or at least the observation window ({window})", "kv_regrow")
     for stop in body.stop_list():
         _check_text(stop, "stop")
     extra = sorted(set(body.model_extra or {}))
@@ -435,6 +438,7 @@ def _generation_request(
         lookahead=body.lookahead,
         kv_policy=body.kv_policy,
         kv_budget=body.kv_budget,
+        kv_regrow=body.kv_regrow,
         ignore_eos=body.ignore_eos,
         stop_token_ids=_token_ids(body.stop_token_ids or [], state.vocab_size, "stop_token_ids"),
         logprobs=logprobs,

@@ -65,6 +65,7 @@ def _build(settings: Settings, metrics=None):
         kv_policy=settings.kv_policy,
         kv_budget=settings.kv_budget,
         kv_window=settings.kv_window,
+        kv_regrow=settings.kv_regrow,
         prefix_cache_bytes=settings.prefix_cache_mb * 2**20,
     )
     engine = Engine(

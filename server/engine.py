@@ -46,6 +46,7 @@ class EngineConfig:
     kv_policy: str = "full"  # eviction policy after prefill (requests may override)
     kv_budget: float = 1.0  # kept KV entries: fraction of the prompt (<= 1) or token count (> 1)
     kv_window: int = 32  # observation window: the last prompt tokens that score the rest
+    kv_regrow: int = 0  # evict again each time the cache has grown by this many tokens (0 = at prefill only)
     prefix_cache_bytes: int = 0  # prompt KV rows shared across requests (cache/prefix.py); 0 = off
 
 
@@ -150,6 +151,8 @@ class Engine:
             raise ServerShuttingDownError("the server is shutting down")
         seqs = []
         for request, emit in zip(requests, emits, strict=True):
+            if request.kv_regrow is not None and 0 < request.kv_regrow < self.config.kv_window:
+                raise ValueError(f"kv_regrow must be 0 or at least the observation window ({self.config.kv_window})")
             seq = Sequence(request, self.tokenizer, self.eos_ids, emit)
             seq.lookahead = self.config.lookahead if request.lookahead is None else request.lookahead
             seq.lookahead = seq.lookahead and self.speculator is not None
@@ -223,6 +226,9 @@ class Engine:
         group = self._prefill_group(prefilling)
         if decoding or group:
             self._guarded(decoding + group, lambda _: self._step(decoding, group))
+        for seq in decoding:
+            if seq.evict_at is not None and seq.logical_len >= seq.evict_at and not seq.done and seq in self.running:
+                self._guarded([seq], self._evict_again)
         if prefilling and "prefill" in prefilling[0].state:  # an evicting prefill: its own chunked generator
             self._guarded([prefilling[0]], lambda seqs: self._prefill_evicting(seqs[0]))
         for seq in ready:
@@ -364,6 +370,7 @@ class Engine:
         except StopIteration as done:
             logits = done.value
         del seq.state["prefill"]
+        seq.stats.kv_evictions += 1
         self._first_token(seq, logits, start)
 
     def _first_token(self, seq: Sequence, logits: torch.Tensor, start: float) -> None:
@@ -372,6 +379,7 @@ class Engine:
         seq.stats.forward_passes += 1
         seq.stats.kv_tokens_total = seq.logical_len
         seq.stats.kv_tokens_kept = round(seq.cache.mean_length())  # per layer and KV head
+        self._schedule_eviction(seq)
         if seq.request.max_tokens == 0:  # an echo that scores the prompt: nothing to generate
             seq.finish_reason = "length"
             seq.stats.prefill_s += time.perf_counter() - start
@@ -386,6 +394,34 @@ class Engine:
         seq.first_token_at = time.monotonic()
         if self.metrics is not None:
             self.metrics.first_token(seq)
+
+    def _schedule_eviction(self, seq: Sequence) -> None:
+        """With `kv_regrow` N > 0 and an evicting policy, the cache is evicted again each time the
+        sequence has N more tokens: to the budget taken over all it has seen (a fraction of
+        prompt + output, or a token count), so a long generation's memory stays bounded too."""
+        every = self.config.kv_regrow if seq.request.kv_regrow is None else seq.request.kv_regrow
+        eviction = self._eviction(seq) if every > 0 else None
+        if eviction is None:
+            return
+        seq.state["evict_again"] = (eviction, every)
+        seq.evict_at = seq.logical_len + every
+
+    def _evict_again(self, seqs: list[Sequence]) -> None:
+        """Compact a decoding sequence's cache at its `evict_at` (the last window tokens it has
+        cached observe, see ModelRunner.evict_again) and schedule the next time."""
+        (seq,) = seqs
+        eviction, every = seq.state["evict_again"]
+        start = time.perf_counter()
+        length = seq.logical_len
+        tail = (seq.prompt_ids + seq.output_ids)[length - eviction.window : length]
+        if self.runner.evict_again(seq.cache, tail, length, eviction):
+            seq.stats.kv_evictions += 1
+        if eviction.policy.needs_queries:
+            seq.stats.forward_passes += 1  # the window's forward
+        seq.stats.kv_tokens_total = length
+        seq.stats.kv_tokens_kept = round(seq.cache.mean_length())
+        seq.evict_at = length + every
+        seq.stats.decode_s += time.perf_counter() - start
 
     def _eviction(self, seq: Sequence) -> Eviction | None:
         request = seq.request

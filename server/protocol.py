@@ -58,6 +58,9 @@ class SamplingFields(NullIsDefault):
     kv_budget: Annotated[Float, Field(gt=0.0)] | None = Field(
         None, description="KV entries kept: a fraction (<=1) or a token count (>1)"
     )
+    kv_regrow: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="evict again each time the cache has grown by this many tokens (0 = at prefill only)"
+    )
 
     @field_validator("stop")
     @classmethod

@@ -27,6 +27,7 @@ class GenerationRequest:
     lookahead: bool | None = None  # None = server default
     kv_policy: str | None = None
     kv_budget: float | None = None
+    kv_regrow: int | None = None  # re-evict after this many new tokens (0 = at prefill only; None = server default)
     ignore_eos: bool = False
     stop_token_ids: list[int] = field(default_factory=list)  # end the sequence like EOS (even with ignore_eos)
     logprobs: int | None = None  # None: none; k: each token's log-probability and the top k
@@ -40,6 +41,7 @@ class Stats:
     accepted_tokens: int = 0
     kv_tokens_kept: int = 0
     kv_tokens_total: int = 0
+    kv_evictions: int = 0  # compactions: the prefill's (0 or 1) and each one during decoding
     cached_tokens: int = 0  # prompt tokens whose KV rows came from the prefix cache
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -52,6 +54,7 @@ class Stats:
             "tokens_per_forward": round(completion_tokens / self.forward_passes, 4) if self.forward_passes else 0.0,
             "kv_tokens_kept": self.kv_tokens_kept,
             "kv_tokens_total": self.kv_tokens_total,
+            "kv_evictions": self.kv_evictions,
             "cached_prompt_tokens": self.cached_tokens,
             "prefill_s": round(self.prefill_s, 6),
             "decode_s": round(self.decode_s, 6),
@@ -149,6 +152,9 @@ class Sequence:
         self.first_token_at: float | None = None
         self.lookahead = False
         self.max_context = 0  # the model's context length, set by the engine
+        # the logical length at which the cache is evicted again (--kv-regrow); a step never
+        # accepts past it, so the compaction sees the same tokens with lookahead on or off
+        self.evict_at: int | None = None
         self.state: dict = {}  # per-sequence data of the speculation machinery (tries, budgets)
         self.unsent_logprobs: list[TokenLogprob] = []  # held with their text until it is sent
         self.prompt_logprobs: list[TokenLogprob] | None = None  # filled during prefill, sent once

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 from platformdirs import user_cache_dir
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 KV_POLICIES = ("full", "streaming", "snapkv", "adakv", "defensive", "layer_defensive")
@@ -72,14 +72,26 @@ class Settings(BaseSettings):
         "auto", description="auto: Triton kernels on CUDA, PyTorch references elsewhere; or force one"
     )
     # kv cache
-    kv_policy: Literal["full", "streaming", "snapkv", "defensive", "layer_defensive"] = "full"
+    kv_policy: Literal["full", "streaming", "snapkv", "adakv", "defensive", "layer_defensive"] = "full"
     kv_budget: float = Field(1.0, gt=0, description="kept KV entries: a fraction (<=1) or a token count (>1)")
     kv_window: int = Field(32, ge=1, description="observation window (last prompt tokens) for eviction scores")
+    kv_regrow: int = Field(
+        0,
+        ge=0,
+        description="evict again each time a sequence's cache has grown by this many tokens, to the budget "
+        "of all it has seen (at least --kv-window); 0 = at prefill only",
+    )
     prefix_cache_mb: int = Field(
         256,
         ge=0,
         description="MiB of prompt KV rows kept for prompts that start alike (automatic prefix caching); 0 = off",
     )
+
+    @model_validator(mode="after")
+    def _check_regrow(self):
+        if 0 < self.kv_regrow < self.kv_window:
+            raise ValueError(f"kv_regrow ({self.kv_regrow}) must be 0 or at least kv_window ({self.kv_window})")
+        return self
 
     @field_validator("device")
     @classmethod

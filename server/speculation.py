@@ -233,5 +233,10 @@ def _margin(seqs: list) -> float:
 
 
 def runner_room(seq) -> int:
-    """Draft rows that still fit in the model's context."""
-    return max(seq.max_context - seq.logical_len - 1, 0)
+    """Draft rows that still fit in the model's context, and that cannot carry the sequence past
+    its next eviction (`Sequence.evict_at`): the step then ends exactly there, as a plain one
+    would."""
+    room = seq.max_context - seq.logical_len - 1
+    if seq.evict_at is not None:
+        room = min(room, seq.evict_at - seq.logical_len - 1)
+    return max(room, 0)

@@ -1,6 +1,7 @@
 """The real server in a subprocess, driven by the official openai SDK and raw HTTP."""
 
 import json
+import math
 
 import httpx
 import openai
@@ -16,6 +17,7 @@ STATS_KEYS = {
     "tokens_per_forward",
     "kv_tokens_kept",
     "kv_tokens_total",
+    "kv_evictions",
     "cached_prompt_tokens",
     "prefill_s",
     "decode_s",
@@ -140,6 +142,10 @@ def test_unknown_fields_are_ignored(server):
             400,
             "kv_policy",
         ),
+        ("/v1/completions", {"prompt": "hi", "kv_budget": 0}, 400, "kv_budget"),
+        ("/v1/completions", {"prompt": "hi", "kv_budget": "half"}, 400, "kv_budget"),
+        ("/v1/completions", {"prompt": "hi", "kv_regrow": 8}, 400, "kv_regrow"),
+        ("/v1/completions", {"prompt": "hi", "kv_regrow": -1}, 400, "kv_regrow"),
         ("/v1/completions", {"prompt": ""}, 400, "prompt"),
         ("/v1/completions", {"prompt": [1, 2, 10**9]}, 400, "prompt"),
         ("/v1/completions", {"prompt": "hi", "max_tokens": 10**6}, 400, "max_tokens"),
@@ -586,3 +592,22 @@ def test_n_choices_prefill_their_prompt_once(client, server, tokenizer):
     assert len(resp.choices) == 3
     # the first choice's prefill feeds the cache; the other two load all but the last block
     assert hits() - before >= 2 * ((n_ids - 1) // 32) * 32
+
+
+@pytest.mark.parametrize("policy", ["streaming", "snapkv", "adakv", "defensive", "layer_defensive"])
+def test_eviction_policies_over_http(client, policy):
+    """Every policy, with the cache evicted at prefill and twice more while decoding (kv_regrow):
+    the stats say what was kept of everything the sequence had seen at the last eviction."""
+    words = " ".join(f"item{i} is {i * 7 % 13}." for i in range(60))
+    resp = client.completions.create(
+        model="SmolLM2-135M-Instruct",
+        prompt=f"{words}\nList the items again:",
+        max_tokens=80,
+        temperature=0,
+        extra_body={"kv_policy": policy, "kv_budget": 0.3, "kv_regrow": 32, "ignore_eos": True},
+    )
+    stats, prompt = resp.model_extra["stats"], resp.usage.prompt_tokens
+    assert resp.usage.completion_tokens == 80 and prompt > 200
+    assert stats["kv_evictions"] == 3  # prefill, then at prompt + 32 and prompt + 64 tokens
+    assert stats["kv_tokens_total"] == prompt + 64
+    assert stats["kv_tokens_kept"] == math.floor(0.3 * (prompt + 64) + 0.5)  # Eviction.keep's rounding

@@ -196,7 +196,7 @@ def test_no_trie_search_when_no_draft_could_pay_for_the_batch():
 
     def sequence():
         seq = SimpleNamespace(prompt_ids=prompt, output_ids=[5, 6, 7], state={}, lookahead=True,
-                              request=SimpleNamespace(max_tokens=64), max_context=2048, logical_len=35)  # fmt: skip
+                              request=SimpleNamespace(max_tokens=64), max_context=2048, logical_len=35, evict_at=None)  # fmt: skip
         spec.admit(seq)
         return seq
 
@@ -285,7 +285,7 @@ def test_batched_drafts_are_discounted_by_how_far_verified_trees_fell_short():
 
     def sequence():
         seq = SimpleNamespace(prompt_ids=prompt, output_ids=[5, 6, 7], state={}, lookahead=True,
-                              request=SimpleNamespace(max_tokens=64), max_context=2048, logical_len=45)  # fmt: skip
+                              request=SimpleNamespace(max_tokens=64), max_context=2048, logical_len=45, evict_at=None)  # fmt: skip
         spec.admit(seq)
         return seq
 
@@ -316,7 +316,7 @@ def test_drafted_trees_are_scored_against_the_tokens_that_follow_them():
     spec = Speculator(OutputStore(capacity=1000, ngram_len=config.ngram_len), config, 16, StepCost([1, 64], [1.0, 1.0]))
     prompt = [5, 6, 7, 8, 9, 10, 11, 12] * 4
     seq = SimpleNamespace(prompt_ids=prompt, output_ids=[5, 6, 7], state={}, lookahead=True,
-                          request=SimpleNamespace(max_tokens=64), max_context=2048, logical_len=35)  # fmt: skip
+                          request=SimpleNamespace(max_tokens=64), max_context=2048, logical_len=35, evict_at=None)  # fmt: skip
     spec.admit(seq)
     tree = spec.plan(None, [seq])[0]
     assert len(tree) and tree.tokens[0] == 8  # the prompt continues 5 6 7 with 8
@@ -378,7 +378,7 @@ def test_plan_prices_a_batch_s_draft_rows_with_its_learned_penalty():
     batch = []
     for _ in range(2):
         seq = SimpleNamespace(prompt_ids=[5, 6, 7] * 4, output_ids=[], state={}, lookahead=True,
-                              request=SimpleNamespace(max_tokens=64), max_context=2048, logical_len=12)  # fmt: skip
+                              request=SimpleNamespace(max_tokens=64), max_context=2048, logical_len=12, evict_at=None)  # fmt: skip
         spec.admit(seq)
         batch.append(seq)
     assert spec._could_pay(batch)  # fresh rates, cheap rows
