@@ -3,7 +3,6 @@ logical positions, the full policy changes nothing, lookahead is lossless on an 
 
 import copy
 import pydoc_data.topics
-import queue
 
 import pytest
 import torch
@@ -17,9 +16,11 @@ from trieserve.decoding.trie import OutputStore
 from trieserve.server.budget import StepCost
 from trieserve.server.engine import Engine, EngineConfig
 from trieserve.server.runner import ATTENTION_NAME
-from trieserve.server.sequence import Delta, Failure, Finish, GenerationRequest
+from trieserve.server.sequence import GenerationRequest
 from trieserve.server.settings import Settings
 from trieserve.server.speculation import Speculator
+
+from tests.model.engine_io import run_request
 
 W = 32
 N = 224  # 3 prefill chunks of 64 (the runner fixture's) + one window: prefill splits it the same way
@@ -154,18 +155,8 @@ def test_layer_defensive_chunked_prefill_keeps_peak_memory_near_budget(runner, t
 
 
 def generate(engine, ids, max_tokens, lookahead):
-    events: queue.Queue = queue.Queue()
     request = GenerationRequest(ids, max_tokens, SamplingParams(temperature=0), lookahead=lookahead, ignore_eos=True)
-    engine.submit(request, events.put)
-    tokens = []
-    while True:
-        ev = events.get(timeout=300)
-        if isinstance(ev, Delta):
-            tokens += ev.token_ids
-        elif isinstance(ev, Failure):
-            raise ev.error
-        elif isinstance(ev, Finish):
-            return tokens, ev
+    return run_request(engine, request)
 
 
 def test_greedy_lookahead_on_an_evicted_cache_matches_plain_greedy(runner, tokenizer, model_dir):

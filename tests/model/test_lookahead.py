@@ -9,8 +9,10 @@ import pytest
 import torch
 from trieserve.decoding.sampling import SamplingParams
 from trieserve.server.builder import build_engine
-from trieserve.server.sequence import Delta, Failure, Finish, GenerationRequest
+from trieserve.server.sequence import Finish, GenerationRequest
 from trieserve.server.settings import Settings
+
+from tests.model.engine_io import run_request
 
 
 @pytest.fixture(scope="module")
@@ -22,19 +24,9 @@ def engine():
 
 
 def generate(engine, ids, max_tokens, lookahead, params=None):
-    events: queue.Queue = queue.Queue()
-    engine.submit(
-        GenerationRequest(ids, max_tokens, params or SamplingParams(temperature=0), lookahead=lookahead), events.put
+    return run_request(
+        engine, GenerationRequest(ids, max_tokens, params or SamplingParams(temperature=0), lookahead=lookahead)
     )
-    tokens = []
-    while True:
-        ev = events.get(timeout=300)
-        if isinstance(ev, Delta):
-            tokens += ev.token_ids
-        elif isinstance(ev, Failure):
-            raise ev.error
-        elif isinstance(ev, Finish):
-            return tokens, ev
 
 
 def copy_prompt(tokenizer):

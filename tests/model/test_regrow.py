@@ -4,7 +4,6 @@ lookahead stays token-identical to plain greedy across the compactions."""
 
 import copy
 import pydoc_data.topics
-import queue
 
 import pytest
 import torch
@@ -15,8 +14,10 @@ from trieserve.decoding.sampling import SamplingParams
 from trieserve.decoding.trie import OutputStore
 from trieserve.server.budget import StepCost
 from trieserve.server.engine import Engine, EngineConfig
-from trieserve.server.sequence import Delta, Failure, Finish, GenerationRequest
+from trieserve.server.sequence import GenerationRequest
 from trieserve.server.speculation import Speculator
+
+from tests.model.engine_io import run_request
 
 W = 32
 PROMPT = 192
@@ -86,20 +87,11 @@ def test_evict_again_refuses_a_short_tail(runner, grown):
 
 
 def generate(engine, ids, max_tokens, lookahead, regrow):
-    events: queue.Queue = queue.Queue()
     request = GenerationRequest(
         ids, max_tokens, SamplingParams(temperature=0), lookahead=lookahead, ignore_eos=True, kv_regrow=regrow
     )
-    engine.submit(request, events.put)
-    tokens = []
-    while True:
-        ev = events.get(timeout=300)
-        if isinstance(ev, Delta):
-            tokens += ev.token_ids
-        elif isinstance(ev, Failure):
-            raise ev.error
-        elif isinstance(ev, Finish):
-            return tokens, ev.stats
+    tokens, finish = run_request(engine, request)
+    return tokens, finish.stats
 
 
 def test_greedy_lookahead_matches_plain_greedy_across_evictions(runner, tokenizer):
