@@ -1,12 +1,14 @@
 """What a batched decode step costs against a one-sequence step on this machine.
 
-    python bench/batch_step.py [--prefix 170] [--repeats 6] [--forwards lean,transformers]
+    python bench/batch_step.py [--prefix 170] [--repeats 6] [--forwards lean,transformers] [--attention sdpa,kernel]
 
 Each of B sequences holds a prefilled cache of `prefix` tokens; one `step_batch` forward adds
 one row per sequence. Also prints what the prefill of `prefix` tokens costs (one sequence). Prints the fastest of `repeats` runs per batch size, and the ratio to
 B = 1: below B means batching raises decode throughput (B / ratio = the throughput gain).
 With several `--forwards`, each batch size is timed on each forward (lean: server/lean.py;
-transformers: the model's own forward) over the same model, alternating run by run.
+transformers: the model's own forward) over the same model, alternating run by run; likewise
+with several `--attention` choices for the one-row parts (sdpa: one SDPA call per sequence and
+layer; kernel: the C++ decode-attention kernel, all sequences in one call per layer).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 
 import torch
 from trieserve.server.batch import StepRows
-from trieserve.server.builder import matmul_route
+from trieserve.server.builder import decode_attention_kernel, matmul_route
 from trieserve.server.model import load_model, prepare_default_model
 from trieserve.server.runner import ModelRunner
 from trieserve.server.settings import Settings
@@ -29,16 +31,23 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,2,4,8")
     ap.add_argument("--profile", action="store_true", help="torch-profile the largest batch's steps: top ops")
     ap.add_argument("--forwards", default="lean", help="comma-separated: lean, transformers")
+    ap.add_argument("--attention", default="kernel", help="comma-separated: sdpa, kernel (decode rows)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     settings = Settings()
     path = prepare_default_model(settings.cache_dir)
     model, _ = load_model(path, "float32", "cpu")
     runners = {}
-    for name in args.forwards.split(","):
-        if name not in ("lean", "transformers"):
-            ap.error(f"unknown forward {name!r}")
-        runners[name] = ModelRunner(model, prefill_chunk=512, skinny_rows=0, lean=name == "lean")
+    for forward in args.forwards.split(","):
+        if forward not in ("lean", "transformers"):
+            ap.error(f"unknown forward {forward!r}")
+        for attention in args.attention.split(","):
+            if attention not in ("sdpa", "kernel"):
+                ap.error(f"unknown attention {attention!r}")
+            name = forward if "," not in args.attention else f"{forward}/{attention}"
+            runners[name] = ModelRunner(model, prefill_chunk=512, skinny_rows=0, lean=forward == "lean")
+            kernel = decode_attention_kernel(settings.model_copy(update={"decode_attention": attention}), runners[name])
+            runners[name].decode_attention = kernel
     runner = next(iter(runners.values()))
     route = matmul_route(settings, runner, path.name)  # the server's matmul route (rows, kernel)
     for r in runners.values():

@@ -9,7 +9,10 @@ own KV cache: `BatchCache.update` appends each sequence's slice of the new keys/
 own `KVCache` and returns per-sequence key/value lists, which the registered attention function
 consumes slice by slice. No cache is ever copied into a batch tensor, caches of different
 lengths (and different per-layer lengths after eviction) need nothing special, and a sequence
-leaves the batch by simply not being in the next step.
+leaves the batch by simply not being in the next step. On the CPU in fp32 the one-row parts
+(plain decode steps) of a step go to one call per layer of a C++ decode-attention kernel
+(`decode_attention` in server/stream_linear.cpp) that reads each cache where it lies; trees,
+prefill chunks and caches with padding rows stay on SDPA per sequence.
 """
 
 from __future__ import annotations

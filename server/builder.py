@@ -58,6 +58,7 @@ def _build(settings: Settings, metrics=None):
     model, tokenizer = load_model(path, settings.dtype, device)
     runner = ModelRunner(model, prefill_chunk=settings.prefill_chunk, skinny_rows=0, lean=settings.lean_forward)
     runner.set_skinny_rows(*matmul_route(settings, runner, path.name))
+    runner.decode_attention = decode_attention_kernel(settings, runner)
     config = EngineConfig(
         max_queue=settings.max_queue,
         max_num_seqs=settings.max_num_seqs,
@@ -91,6 +92,21 @@ def matmul_route(settings: Settings, runner: ModelRunner, model_tag: str) -> tup
     key = _hardware_key(settings, runner, model_tag, route=False)
     chosen, rows = matmul.cached_route(runner, settings.cache_dir / "matmul" / f"{key}.json", kernel)
     return (rows if settings.skinny_rows is None else settings.skinny_rows), chosen
+
+
+def decode_attention_kernel(settings: Settings, runner: ModelRunner):
+    """The CPU decode-attention kernel (server/stream_linear.cpp) for the one-row parts of
+    batched steps, or None (SDPA): `--decode-attention auto` takes it where it can run (a CPU
+    model in float32, a C++ compiler to build it), `kernel` insists, `sdpa` never."""
+    if settings.decode_attention == "sdpa":
+        return None
+    runs_here = runner.device.type == "cpu" and settings.dtype == "float32"
+    module = matmul.load_stream(settings.cache_dir / "ext") if runs_here else None
+    if module is None and settings.decode_attention == "kernel":
+        raise RuntimeError(
+            "--decode-attention kernel needs a float32 model on the CPU and a C++ compiler to build it (the log says why)"
+        )
+    return None if module is None else module.decode_attention
 
 
 def build_speculator(settings: Settings, runner: ModelRunner, model_tag: str) -> Speculator | None:
@@ -139,6 +155,8 @@ def _hardware_key(settings: Settings, runner: ModelRunner, model_tag: str, route
     key += "|lean" if runner.lean is not None else "|transformers"
     if route:
         key += f"|{runner.matmul_kernel}{runner.skinny_rows}"
-        if runner.matmul_kernel == "stream" and runner.skinny_rows:
-            key += f"|{matmul.stream_key()}"  # another build of the kernel: another ladder
+        if runner.decode_attention is not None:
+            key += "|decode-attention"
+        if (runner.matmul_kernel == "stream" and runner.skinny_rows) or runner.decode_attention is not None:
+            key += f"|{matmul.stream_key()}"  # another build of the kernels: another ladder
     return hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -91,15 +91,35 @@ def _per_sequence_attention(module, query, keys, values, scaling, kwargs):
     [1, Hkv, S_b, D]. Returns [1, N, Hq, D]."""
     rows, offsets, masks = kwargs["batch_rows"], kwargs["batch_offsets"], kwargs["batch_tree_masks"]
     caches = kwargs["batch_caches"]
-    if len(rows) == 1:
+    kernel = kwargs.get("decode_attention")
+    # one-row parts (plain decode steps) over caches without padding rows: one kernel call for all
+    single = [] if kernel is None else _single_rows(rows, caches, module.layer_idx)
+    if len(rows) == 1 and not single:
         extra = _mask_kwargs(masks[0], query, caches[0])
         return tree_sdpa_attention(module, query, keys[0], values[0], None, scaling=scaling, **extra)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if len(single) == len(rows):  # a plain decode step for every sequence: rows are in order
+        return kernel(query[0].transpose(0, 1), keys, values, scale).unsqueeze(0), None
     out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
-    for lo, t, key, value, mask, cache in zip(offsets, rows, keys, values, masks, caches, strict=True):
+    if single:
+        at = [offsets[b] for b in single]
+        out[0, at] = kernel(
+            query[0, :, at].transpose(0, 1), [keys[b] for b in single], [values[b] for b in single], scale
+        )
+    done = set(single)
+    for b, (lo, t, key, value, mask, cache) in enumerate(zip(offsets, rows, keys, values, masks, caches, strict=True)):
+        if b in done:
+            continue
         extra = _mask_kwargs(mask, query, cache)
         o, _ = tree_sdpa_attention(module, query[:, :, lo : lo + t], key, value, None, scaling=scaling, **extra)
         out[:, lo : lo + t] = o
     return out, None
+
+
+def _single_rows(rows: list[int], caches: list[KVCache], layer: int) -> list[int]:
+    """The parts of a batched step the decode-attention kernel takes: one row, and a cache layer
+    with no padding rows (per-head budgets' padding needs a mask: SDPA)."""
+    return [b for b, t in enumerate(rows) if t == 1 and caches[b].layers[layer].valid_rows() is None]
 
 
 def _mask_kwargs(mask: torch.Tensor | None, query: torch.Tensor, cache: KVCache) -> dict:
@@ -129,6 +149,8 @@ class ModelRunner:
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.skinny_rows = 0
         self.matmul_kernel = "skinny"
+        # attention of one-row decode parts in batched steps (server/stream_linear.cpp); None = SDPA
+        self.decode_attention: Callable | None = None
         self.set_skinny_rows(skinny_rows)
 
     def set_skinny_rows(self, max_rows: int, kernel: str = "skinny") -> None:
@@ -315,6 +337,7 @@ class ModelRunner:
             batch_offsets=offsets,
             batch_tree_masks=masks,
             batch_caches=caches,
+            decode_attention=self.decode_attention,
         )
         picked = []
         for lo, t, p in zip(offsets, rows, parts, strict=True):

@@ -56,6 +56,11 @@ class Settings(BaseSettings):
         description="Llama-architecture models on the CPU in fp32 run a lean decoder forward (same logits, "
         "fewer operations); off: the transformers forward",
     )
+    decode_attention: Literal["auto", "kernel", "sdpa"] = Field(
+        "auto",
+        description="CPU, fp32: the attention of plain decode rows in a step, all sequences in one call of a C++ "
+        "kernel built with the matmul kernel (auto: where it can be built), or SDPA per sequence",
+    )
     shutdown_grace_s: float = Field(10.0, ge=0, description="on shutdown, running requests get this long to finish")
     # lookahead
     lookahead: bool = Field(True, description="speculate with the trie (per-request `lookahead` overrides)")

@@ -19,6 +19,8 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cmath>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -176,11 +178,186 @@ torch::Tensor stream_linear(const torch::Tensor& x, const torch::Tensor& weight,
   return y.reshape(shape);
 }
 
+
+// ---- decode attention ------------------------------------------------------------------------
+//
+// One query row per sequence (a plain decode step) against that sequence's own KV cache, for
+// every such sequence of a batched step in one call. SDPA, called once per sequence and layer,
+// spends more time in dispatch and in its own blocking for a single row than reading the keys
+// and values; here each (sequence, KV head, block of KB keys) is one work item that reads its
+// keys and values once for all the query heads of the group (GQA), in fp32, with a max-subtracted
+// softmax. The blocks are merged in key order afterwards (flash-decoding), so a sequence's
+// result depends only on its own cache: the same in any batch (batch invariant), like the
+// matmul above.
+
+constexpr int64_t KB = 256;    // keys per work item
+constexpr int kMaxGroup = 16;  // query heads per KV head handled
+
+#if defined(__AVX512F__)
+inline __m512 exp_neg(__m512 x) {  // e^x for x <= 0 (to ~1 ulp); x below -87 gives ~0
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_sub_ps(t, n);  // 2^t = 2^n 2^f, |f| <= 0.5
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+inline void exp_shifted(float* v, int64_t n, float shift) {  // v[i] = e^(v[i] - shift), v[i] <= shift
+  int64_t i = 0;
+  const __m512 s = _mm512_set1_ps(shift);
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(v + i, exp_neg(_mm512_sub_ps(_mm512_loadu_ps(v + i), s)));
+  if (i < n) {
+    const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(v + i, m, exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, v + i), s)));
+  }
+}
+#else
+inline void exp_shifted(float* v, int64_t n, float shift) {
+  for (int64_t i = 0; i < n; ++i) v[i] = std::exp(v[i] - shift);
+}
+#endif
+
+struct Partial {  // one work item's result for one query head
+  float m, l;     // the block's max score and sum of e^(score - m)
+};
+
+// Scores, softmax weights and the weighted sum of values for keys [lo, hi) of one KV head.
+// q: G rows of D (already scaled); k, v: row r at k + r * D; o: G rows of D; parts: G.
+void attend_block(const float* q, int G, int64_t D, const float* k, const float* v, int64_t lo, int64_t hi, float* o,
+                  Partial* parts) {
+  float scores[kMaxGroup][KB];
+  const int64_t n = hi - lo;
+  for (int64_t r = 0; r < n; ++r) {
+    const float* kr = k + (lo + r) * D;
+    for (int h = 0; h < G; ++h) {
+      const float* qh = q + h * D;
+      typename Vec::T acc = Vec::zero();
+      int64_t d = 0;
+      for (; d + Vec::width <= D; d += Vec::width) acc = Vec::fma(Vec::load(qh + d), Vec::load(kr + d), acc);
+      float sc = Vec::sum(acc);
+      for (; d < D; ++d) sc += qh[d] * kr[d];
+      scores[h][r] = sc;
+    }
+  }
+  for (int h = 0; h < G; ++h) {
+    float m = scores[h][0];
+    for (int64_t r = 1; r < n; ++r) m = std::max(m, scores[h][r]);
+    exp_shifted(scores[h], n, m);
+    float l = 0.0f;
+    for (int64_t r = 0; r < n; ++r) l += scores[h][r];
+    parts[h] = {m, l};
+    std::fill(o + h * D, o + (h + 1) * D, 0.0f);
+  }
+  for (int64_t r = 0; r < n; ++r) {
+    const float* vr = v + (lo + r) * D;
+    int64_t d = 0;
+    for (; d + Vec::width <= D; d += Vec::width) {
+      const typename Vec::T vv = Vec::load(vr + d);
+      for (int h = 0; h < G; ++h) {
+        float* oh = o + h * D + d;
+#if defined(__AVX512F__)
+        _mm512_storeu_ps(oh, _mm512_fmadd_ps(_mm512_set1_ps(scores[h][r]), vv, _mm512_loadu_ps(oh)));
+#elif defined(__AVX2__) && defined(__FMA__)
+        _mm256_storeu_ps(oh, _mm256_fmadd_ps(_mm256_set1_ps(scores[h][r]), vv, _mm256_loadu_ps(oh)));
+#else
+        *oh += scores[h][r] * vv;
+#endif
+      }
+    }
+    for (; d < D; ++d)
+      for (int h = 0; h < G; ++h) o[h * D + d] += scores[h][r] * vr[d];
+  }
+}
+
+// query [N, Hq, D]; keys[b], values[b]: [1, Hkv, S_b, D] (rows contiguous, any head stride).
+// Returns [N, Hq, D]: softmax(scale * q k^T) v per sequence and query head, query head h reading
+// KV head h / (Hq / Hkv).
+torch::Tensor decode_attention(const torch::Tensor& query, const std::vector<torch::Tensor>& keys,
+                               const std::vector<torch::Tensor>& values, double scale) {
+  TORCH_CHECK(query.device().is_cpu() && query.scalar_type() == torch::kFloat32 && query.dim() == 3,
+              "decode_attention: query must be fp32 [N, Hq, D] on the CPU");
+  const int64_t N = query.size(0), Hq = query.size(1), D = query.size(2);
+  TORCH_CHECK((int64_t)keys.size() == N && (int64_t)values.size() == N, "decode_attention: one cache per query row");
+  TORCH_CHECK(N > 0 && D > 0, "decode_attention: empty query");
+  const int64_t Hkv = keys[0].size(1);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && Hq / Hkv <= kMaxGroup, "decode_attention: unsupported head grouping");
+  const int G = (int)(Hq / Hkv);
+  std::vector<const float*> kp(N), vp(N);
+  std::vector<int64_t> ks(N), vs(N), len(N), first(N + 1, 0);
+  for (int64_t b = 0; b < N; ++b) {
+    const auto& k = keys[b];
+    const auto& v = values[b];
+    TORCH_CHECK(k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32 && k.dim() == 4 && v.dim() == 4,
+                "decode_attention: keys and values must be fp32 [1, Hkv, S, D]");
+    TORCH_CHECK(k.size(0) == 1 && k.size(1) == Hkv && k.size(3) == D && v.sizes() == k.sizes(),
+                "decode_attention: cache shapes do not match the query");
+    TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == D && v.stride(3) == 1 && v.stride(2) == D,
+                "decode_attention: cache rows must be contiguous");
+    TORCH_CHECK(k.size(2) > 0, "decode_attention: an empty cache");
+    kp[b] = k.data_ptr<float>();
+    vp[b] = v.data_ptr<float>();
+    ks[b] = k.stride(1);
+    vs[b] = v.stride(1);
+    len[b] = k.size(2);
+    first[b + 1] = first[b] + Hkv * ((len[b] + KB - 1) / KB);  // items of sequence b: (head, block)
+  }
+  auto q = (query.contiguous() * scale).contiguous();
+  const float* qp = q.data_ptr<float>();
+  const int64_t items = first[N];
+  std::vector<float> o(items * G * D);
+  std::vector<Partial> parts(items * G);
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    int64_t b = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
+    for (int64_t it = begin; it < end; ++it) {
+      while (it >= first[b + 1]) ++b;
+      const int64_t blocks = (len[b] + KB - 1) / KB;
+      const int64_t g = (it - first[b]) / blocks, j = (it - first[b]) % blocks;
+      attend_block(qp + (b * Hq + g * G) * D, G, D, kp[b] + g * ks[b], vp[b] + g * vs[b], j * KB,
+                   std::min(len[b], (j + 1) * KB), o.data() + it * G * D, parts.data() + it * G);
+    }
+  });
+  auto out = torch::empty({N, Hq, D}, query.options());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N * Hkv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / Hkv, g = bg % Hkv;
+      const int64_t blocks = (len[b] + KB - 1) / KB, base = first[b] + g * blocks;
+      for (int h = 0; h < G; ++h) {
+        float m = parts[base * G + h].m;
+        for (int64_t j = 1; j < blocks; ++j) m = std::max(m, parts[(base + j) * G + h].m);
+        float* dst = op + (b * Hq + g * G + h) * D;
+        std::fill(dst, dst + D, 0.0f);
+        float l = 0.0f;
+        for (int64_t j = 0; j < blocks; ++j) {  // in key order: the same sums in any batch
+          const Partial& p = parts[(base + j) * G + h];
+          const float w = std::exp(p.m - m);
+          l += w * p.l;
+          const float* src = o.data() + ((base + j) * G + h) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] += w * src[d];
+        }
+        const float inv = 1.0f / l;
+        for (int64_t d = 0; d < D; ++d) dst[d] *= inv;
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the GIL is released: the kernel touches no Python object, and the server's other threads run meanwhile
   m.def("stream_linear", &stream_linear, "y = x @ weight.T (+ bias) for few rows, fp32 CPU",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("decode_attention", &decode_attention,
+        "softmax(scale q k^T) v for one query row per sequence against its own cache, fp32 CPU",
         py::call_guard<py::gil_scoped_release>());
   m.attr("vector_width") = Vec::width;
 }

@@ -248,3 +248,49 @@ def test_calls_after_the_loop_ended_run_in_the_caller(runner, tokenizer):
     assert eng.call(threading.current_thread) is eng._thread
     eng.stop()
     assert eng.call(threading.current_thread) is threading.current_thread()  # no hang, no engine thread
+
+
+def test_decode_rows_share_one_attention_kernel_call_that_agrees_with_sdpa(runner, tokenizer, stream_kernel):
+    """A step whose parts are one row each, plus a tree (which stays on SDPA), with the C++
+    decode-attention kernel: logits as with SDPA per sequence (fp32 summation order apart) and
+    the same argmax, in a mixed step and in an all-one-row step."""
+    import copy
+
+    import torch
+    from trieserve.server.batch import StepRows
+
+    prompts = [tokenizer.encode(t) for t in ("The capital of France is", "def add(a, b):\n    return", "1, 2, 3,")]
+    prompts.append(tokenizer.encode(inspect.getsource(json.dumps))[:300])  # two 256-key blocks
+    caches = []
+    for ids in prompts:
+        cache = runner.new_cache()
+        runner.prefill(cache, ids)
+        caches.append(cache)
+    rows = [StepRows(torch.tensor([ids[-1]]), torch.tensor([len(ids)]), None) for ids in prompts]
+    mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]]).bool()
+    tree = StepRows(torch.tensor([5, 6, 7]), torch.tensor([3, 4, 4]), mask)
+    tree_cache = runner.new_cache()
+    runner.prefill(tree_cache, prompts[0][:3])
+    assert runner.decode_attention is None  # the fixture's runner: SDPA unless set
+    calls = []
+
+    def kernel(query, keys, values, scale):
+        calls.append(len(keys))
+        return stream_kernel.decode_attention(query, keys, values, scale)
+
+    for parts, kv in ((rows + [tree], caches + [tree_cache]), (rows, caches)):
+        reference = runner.step_batch(copy.deepcopy(kv), parts)
+        runner.decode_attention = kernel
+        calls.clear()
+        try:
+            got = runner.step_batch(copy.deepcopy(kv), parts)
+        finally:
+            runner.decode_attention = None
+        assert calls == [len(rows)] * runner.num_layers  # one call per layer, every one-row part
+        for ref, logits in zip(reference, got, strict=True):
+            torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+            assert torch.equal(logits.argmax(-1), ref.argmax(-1))
+
+
+def test_the_served_engine_takes_the_decode_attention_kernel(engine, stream_kernel):
+    assert engine.runner.decode_attention is not None

@@ -1,0 +1,77 @@
+"""The C++ decode-attention kernel (server/stream_linear.cpp): one query row per sequence against
+its own cache, all sequences in one call, equal to SDPA and the same in any batch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+def cache_view(heads: int, rows: int, dim: int, spare: int = 7) -> torch.Tensor:
+    """[1, heads, rows, dim] as the KV layers hold it: the live rows of a larger buffer."""
+    return torch.randn(1, heads, rows + spare, dim)[:, :, :rows]
+
+
+def reference(q, keys, values, scale):
+    return torch.cat(
+        [
+            F.scaled_dot_product_attention(q[b : b + 1, :, None], k, v, scale=scale, enable_gqa=True)[:, :, 0]
+            for b, (k, v) in enumerate(zip(keys, values, strict=True))
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("hq", "hkv", "dim", "lengths"),
+    [
+        (9, 3, 64, [340]),  # the default model's heads, one sequence
+        (9, 3, 64, [1, 255, 256, 257, 513, 2000, 40, 3]),  # around the 256-key blocks
+        (4, 4, 64, [100, 7]),  # no grouping
+        (8, 2, 48, [300, 31]),  # a head size that is not a whole number of vectors
+        (16, 1, 32, [5, 600]),  # 16 query heads on one KV head
+    ],
+)
+def test_equals_sdpa(stream_kernel, hq, hkv, dim, lengths):
+    torch.manual_seed(len(lengths) + dim)
+    q = torch.randn(len(lengths), hq, dim)
+    keys = [cache_view(hkv, n, dim) for n in lengths]
+    values = [cache_view(hkv, n, dim) for n in lengths]
+    out = stream_kernel.decode_attention(q, keys, values, dim**-0.5)
+    torch.testing.assert_close(out, reference(q, keys, values, dim**-0.5), atol=2e-6, rtol=1e-5)
+
+
+def test_large_scores_do_not_overflow(stream_kernel):
+    q = torch.full((1, 3, 64), 30.0)
+    keys, values = [cache_view(3, 300, 64) * 10], [cache_view(3, 300, 64)]
+    out = stream_kernel.decode_attention(q, keys, values, 1.0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, reference(q, keys, values, 1.0), atol=1e-5, rtol=1e-4)
+
+
+def test_a_sequence_gets_the_same_bits_in_any_batch(stream_kernel):
+    torch.manual_seed(3)
+    lengths = [340, 17, 1024, 300]
+    q = torch.randn(len(lengths), 9, 64)
+    keys = [cache_view(3, n, 64) for n in lengths]
+    values = [cache_view(3, n, 64) for n in lengths]
+    together = stream_kernel.decode_attention(q, keys, values, 0.125)
+    for b in range(len(lengths)):
+        alone = stream_kernel.decode_attention(q[b : b + 1], keys[b : b + 1], values[b : b + 1], 0.125)
+        assert torch.equal(alone, together[b : b + 1])
+    flipped = stream_kernel.decode_attention(q.flip(0), keys[::-1], values[::-1], 0.125)
+    assert torch.equal(flipped, together.flip(0))
+
+
+@pytest.mark.parametrize(
+    ("q", "keys", "message"),
+    [
+        (torch.randn(2, 9, 64), [torch.randn(1, 3, 5, 64)], "one cache per query row"),
+        (torch.randn(1, 9, 64), [torch.randn(1, 2, 5, 64)], "head grouping"),
+        (torch.randn(1, 9, 64), [torch.randn(1, 3, 5, 32)], "shapes do not match"),
+        (torch.randn(1, 9, 64), [torch.randn(1, 3, 64, 5).transpose(2, 3)], "contiguous"),
+        (torch.randn(1, 9, 64), [torch.randn(1, 3, 0, 64)], "empty cache"),
+        (torch.randn(1, 9, 64).double(), [torch.randn(1, 3, 5, 64)], "fp32"),
+    ],
+)
+def test_bad_inputs_are_refused(stream_kernel, q, keys, message):
+    with pytest.raises(RuntimeError, match=message):
+        stream_kernel.decode_attention(q, keys, [k.clone() for k in keys], 0.125)
