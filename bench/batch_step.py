@@ -8,7 +8,7 @@ B = 1: below B means batching raises decode throughput (B / ratio = the throughp
 With several `--forwards`, each batch size is timed on each forward (lean: server/lean.py;
 transformers: the model's own forward) over the same model, alternating run by run; likewise
 with several `--attention` choices for the one-row parts (sdpa: one SDPA call per sequence and
-layer; kernel: the C++ decode-attention kernel, all sequences in one call per layer).
+layer; kernel: the C++ decode-attention kernel and KV append, all sequences in one call per layer).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 
 import torch
 from trieserve.server.batch import StepRows
-from trieserve.server.builder import decode_attention_kernel, matmul_route
+from trieserve.server.builder import decode_kernels, matmul_route
 from trieserve.server.model import load_model, prepare_default_model
 from trieserve.server.runner import ModelRunner
 from trieserve.server.settings import Settings
@@ -46,8 +46,12 @@ def main() -> None:
                 ap.error(f"unknown attention {attention!r}")
             name = forward if "," not in args.attention else f"{forward}/{attention}"
             runners[name] = ModelRunner(model, prefill_chunk=512, skinny_rows=0, lean=forward == "lean")
-            kernel = decode_attention_kernel(settings.model_copy(update={"decode_attention": attention}), runners[name])
-            runners[name].decode_attention = kernel
+            kernels = decode_kernels(settings.model_copy(update={"decode_attention": attention}), runners[name])
+            if kernels is not None:
+                runners[name].decode_attention, runners[name].append_rows = (
+                    kernels.decode_attention,
+                    kernels.append_rows,
+                )
     runner = next(iter(runners.values()))
     route = matmul_route(settings, runner, path.name)  # the server's matmul route (rows, kernel)
     for r in runners.values():

@@ -85,6 +85,24 @@ class GrowableLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
+    def room_for_one(self) -> bool:
+        """Whether one more row can be written straight into the buffers (`buffers`, then
+        `advance`): initialised, not full, and no padding bookkeeping to keep."""
+        return self.is_initialized and self._valid is None and self.length < self.capacity
+
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole key and value buffers [B, H, capacity, D] (rows past `length` are free)."""
+        return self._k, self._v
+
+    def advance(self, rows: int) -> None:
+        """Count `rows` rows written into the buffers past `length` as live."""
+        if self.length + rows > self.capacity:
+            raise ValueError(
+                f"cannot advance a layer of {self.length} rows by {rows} past its capacity {self.capacity}"
+            )
+        self.length += rows
+        self._sync_views()
+
     def reserve(self, rows: int) -> None:
         """Room for `rows` live rows in the buffers now, so appending up to them copies
         nothing (an initialised layer; a prefix-cache hit knows the prompt's length)."""

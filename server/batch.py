@@ -39,14 +39,26 @@ class BatchCache(Cache):
     """A view of several sequences' caches as one transformers Cache for one forward over
     flattened rows: sequence b owns rows offsets[b] : offsets[b] + rows[b]."""
 
-    def __init__(self, caches: list[KVCache], rows: list[int], offsets: list[int]) -> None:
+    def __init__(self, caches: list[KVCache], rows: list[int], offsets: list[int], append_rows=None) -> None:
         super().__init__(layers=[])
         self.caches = caches
         self.rows = rows
         self.offsets = offsets
+        # a plain decode step (one row per sequence) appends through `append_rows` (the C++
+        # kernel in server/stream_linear.cpp): one call per layer instead of a few ops per sequence
+        self.append_rows = append_rows if all(t == 1 for t in rows) else None
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         """key/value_states [1, H, N, D] → per-sequence lists of all their cached rows."""
+        if self.append_rows is not None:
+            layers = [cache.layers[layer_idx] for cache in self.caches]
+            if all(layer.room_for_one() for layer in layers):
+                bufs = [layer.buffers() for layer in layers]
+                at = [layer.length for layer in layers]
+                self.append_rows(key_states, value_states, [k for k, _ in bufs], [v for _, v in bufs], at)
+                for layer in layers:
+                    layer.advance(1)
+                return [layer.keys for layer in layers], [layer.values for layer in layers]
         keys, values = [], []
         for cache, lo, t in zip(self.caches, self.offsets, self.rows, strict=True):
             k, v = cache.layers[layer_idx].update(key_states[:, :, lo : lo + t], value_states[:, :, lo : lo + t])

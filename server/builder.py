@@ -58,7 +58,9 @@ def _build(settings: Settings, metrics=None):
     model, tokenizer = load_model(path, settings.dtype, device)
     runner = ModelRunner(model, prefill_chunk=settings.prefill_chunk, skinny_rows=0, lean=settings.lean_forward)
     runner.set_skinny_rows(*matmul_route(settings, runner, path.name))
-    runner.decode_attention = decode_attention_kernel(settings, runner)
+    kernels = decode_kernels(settings, runner)
+    if kernels is not None:
+        runner.decode_attention, runner.append_rows = kernels.decode_attention, kernels.append_rows
     config = EngineConfig(
         max_queue=settings.max_queue,
         max_num_seqs=settings.max_num_seqs,
@@ -94,10 +96,11 @@ def matmul_route(settings: Settings, runner: ModelRunner, model_tag: str) -> tup
     return (rows if settings.skinny_rows is None else settings.skinny_rows), chosen
 
 
-def decode_attention_kernel(settings: Settings, runner: ModelRunner):
-    """The CPU decode-attention kernel (server/stream_linear.cpp) for the one-row parts of
-    batched steps, or None (SDPA): `--decode-attention auto` takes it where it can run (a CPU
-    model in float32, a C++ compiler to build it), `kernel` insists, `sdpa` never."""
+def decode_kernels(settings: Settings, runner: ModelRunner):
+    """The built C++ kernels (server/stream_linear.cpp) whose `decode_attention` and
+    `append_rows` take the one-row parts of batched steps, or None (SDPA and tensor ops):
+    `--decode-attention auto` takes them where they can run (a CPU model in float32, a C++
+    compiler to build them), `kernel` insists, `sdpa` never."""
     if settings.decode_attention == "sdpa":
         return None
     runs_here = runner.device.type == "cpu" and settings.dtype == "float32"
@@ -106,7 +109,7 @@ def decode_attention_kernel(settings: Settings, runner: ModelRunner):
         raise RuntimeError(
             "--decode-attention kernel needs a float32 model on the CPU and a C++ compiler to build it (the log says why)"
         )
-    return None if module is None else module.decode_attention
+    return module
 
 
 def build_speculator(settings: Settings, runner: ModelRunner, model_tag: str) -> Speculator | None:

@@ -151,6 +151,7 @@ class ModelRunner:
         self.matmul_kernel = "skinny"
         # attention of one-row decode parts in batched steps (server/stream_linear.cpp); None = SDPA
         self.decode_attention: Callable | None = None
+        self.append_rows: Callable | None = None  # the same kernels' one-row-per-sequence KV append
         self.set_skinny_rows(skinny_rows)
 
     def set_skinny_rows(self, max_rows: int, kernel: str = "skinny") -> None:
@@ -332,7 +333,7 @@ class ModelRunner:
         hidden = self._hidden(
             ids,
             pos,
-            BatchCache(caches, rows, offsets),
+            BatchCache(caches, rows, offsets, self.append_rows),
             batch_rows=rows,
             batch_offsets=offsets,
             batch_tree_masks=masks,

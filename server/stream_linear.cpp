@@ -350,6 +350,45 @@ torch::Tensor decode_attention(const torch::Tensor& query, const std::vector<tor
   return out;
 }
 
+
+// Append one new row per sequence to its KV buffers: row b of key_states / value_states
+// [1, H, N, D] goes to bufs[b][0, :, at[b], :] (buffers [1, H, capacity, D], rows contiguous).
+// A plain decode step's appends for all its sequences in one call instead of a few tensor ops
+// per sequence and layer; the caller has made room and moves each layer's length on.
+void append_rows(const torch::Tensor& key_states, const torch::Tensor& value_states,
+                 const std::vector<torch::Tensor>& kbufs, const std::vector<torch::Tensor>& vbufs,
+                 const std::vector<int64_t>& at) {
+  const int64_t N = (int64_t)at.size();
+  TORCH_CHECK(key_states.dim() == 4 && key_states.size(0) == 1 && key_states.size(2) == N &&
+                  value_states.sizes() == key_states.sizes(),
+              "append_rows: new rows must be [1, H, N, D] with one row per buffer");
+  TORCH_CHECK(key_states.scalar_type() == torch::kFloat32 && value_states.scalar_type() == torch::kFloat32 &&
+                  key_states.stride(3) == 1 && value_states.stride(3) == 1,
+              "append_rows: fp32 rows with contiguous features");
+  TORCH_CHECK((int64_t)kbufs.size() == N && (int64_t)vbufs.size() == N, "append_rows: one buffer per row");
+  const int64_t H = key_states.size(1), D = key_states.size(3);
+  for (int64_t b = 0; b < N; ++b) {
+    for (const auto* buf : {&kbufs[b], &vbufs[b]}) {
+      TORCH_CHECK(buf->scalar_type() == torch::kFloat32 && buf->dim() == 4 && buf->size(0) == 1 && buf->size(1) == H &&
+                      buf->size(3) == D && buf->stride(3) == 1 && buf->stride(2) == D,
+                  "append_rows: a buffer does not match the rows");
+      TORCH_CHECK(at[b] >= 0 && at[b] < buf->size(2), "append_rows: no room at row ", at[b]);
+    }
+  }
+  const float* kp = key_states.data_ptr<float>();
+  const float* vp = value_states.data_ptr<float>();
+  for (int64_t b = 0; b < N; ++b) {
+    float* kd = kbufs[b].data_ptr<float>();
+    float* vd = vbufs[b].data_ptr<float>();
+    for (int64_t h = 0; h < H; ++h) {
+      std::copy_n(kp + h * key_states.stride(1) + b * key_states.stride(2), D,
+                  kd + h * kbufs[b].stride(1) + at[b] * D);
+      std::copy_n(vp + h * value_states.stride(1) + b * value_states.stride(2), D,
+                  vd + h * vbufs[b].stride(1) + at[b] * D);
+    }
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -358,6 +397,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("decode_attention", &decode_attention,
         "softmax(scale q k^T) v for one query row per sequence against its own cache, fp32 CPU",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("append_rows", &append_rows, "one new KV row per sequence into its buffers, fp32 CPU",
         py::call_guard<py::gil_scoped_release>());
   m.attr("vector_width") = Vec::width;
 }

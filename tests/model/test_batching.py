@@ -280,17 +280,17 @@ def test_decode_rows_share_one_attention_kernel_call_that_agrees_with_sdpa(runne
 
     for parts, kv in ((rows + [tree], caches + [tree_cache]), (rows, caches)):
         reference = runner.step_batch(copy.deepcopy(kv), parts)
-        runner.decode_attention = kernel
+        runner.decode_attention, runner.append_rows = kernel, stream_kernel.append_rows
         calls.clear()
         try:
             got = runner.step_batch(copy.deepcopy(kv), parts)
         finally:
-            runner.decode_attention = None
+            runner.decode_attention = runner.append_rows = None
         assert calls == [len(rows)] * runner.num_layers  # one call per layer, every one-row part
         for ref, logits in zip(reference, got, strict=True):
             torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
             assert torch.equal(logits.argmax(-1), ref.argmax(-1))
 
 
-def test_the_served_engine_takes_the_decode_attention_kernel(engine, stream_kernel):
-    assert engine.runner.decode_attention is not None
+def test_the_served_engine_takes_the_decode_kernels(engine, stream_kernel):
+    assert engine.runner.decode_attention is not None and engine.runner.append_rows is not None

@@ -75,3 +75,52 @@ def test_a_sequence_gets_the_same_bits_in_any_batch(stream_kernel):
 def test_bad_inputs_are_refused(stream_kernel, q, keys, message):
     with pytest.raises(RuntimeError, match=message):
         stream_kernel.decode_attention(q, keys, [k.clone() for k in keys], 0.125)
+
+
+def filled_cache(layers: int, rows: int, seed: int):
+    from trieserve.cache.kv import KVCache
+
+    torch.manual_seed(seed)
+    cache = KVCache(layers)
+    for layer in cache.layers:
+        layer.update(torch.randn(1, 3, rows, 64), torch.randn(1, 3, rows, 64))
+    return cache
+
+
+def test_append_rows_writes_each_sequence_s_row_after_its_live_rows(stream_kernel):
+    import copy
+
+    from trieserve.server.batch import BatchCache
+
+    caches = [filled_cache(2, n, n) for n in (5, 16, 40)]  # 16: a full buffer (MIN_CAPACITY): the slow path
+    qkv = torch.randn(1, 3 + 3 + 9, 3, 64).transpose(1, 2).transpose(1, 2)  # a view, as the forward makes
+    new_k, new_v = qkv[:, 9:12], qkv[:, 12:15]
+    plain = [copy.deepcopy(c) for c in caches]
+    fast = BatchCache(caches, [1, 1, 1], [0, 1, 2], stream_kernel.append_rows)
+    slow = BatchCache(plain, [1, 1, 1], [0, 1, 2])
+    for layer in range(2):
+        got, want = fast.update(new_k, new_v, layer), slow.update(new_k, new_v, layer)
+        for g, w in zip(got[0] + got[1], want[0] + want[1], strict=True):
+            assert torch.equal(g, w)
+    for c, p in zip(caches, plain, strict=True):
+        assert c.lengths() == p.lengths()
+        for a, b in zip(c.layers, p.layers, strict=True):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    # room everywhere: the kernel writes the rows itself
+    roomy = [filled_cache(1, n, n) for n in (5, 40)]
+    for c in roomy:
+        c.layers[0].reserve(64)
+    calls = []
+    batch = BatchCache(roomy, [1, 1], [0, 1], lambda *a: calls.append(a) or stream_kernel.append_rows(*a))
+    k, v = torch.randn(1, 3, 2, 64), torch.randn(1, 3, 2, 64)
+    keys, values = batch.update(k, v, 0)
+    assert len(calls) == 1 and [t.shape[2] for t in keys] == [6, 41]
+    assert torch.equal(keys[0][:, :, -1], k[:, :, 0]) and torch.equal(values[1][:, :, -1], v[:, :, 1])
+    # a step with a tree or a chunk in it takes the tensor ops
+    assert BatchCache(roomy, [1, 3], [0, 1], stream_kernel.append_rows).append_rows is None
+
+
+def test_append_rows_refuses_a_full_buffer(stream_kernel):
+    k = torch.zeros(1, 3, 4, 64)
+    with pytest.raises(RuntimeError, match="no room"):
+        stream_kernel.append_rows(torch.ones(1, 3, 1, 64), torch.ones(1, 3, 1, 64), [k], [k.clone()], [4])
