@@ -60,7 +60,8 @@ class Eviction:
     """What prefill should keep: a policy, a budget and the observation window.
 
     budget: a fraction of the prompt's tokens (<= 1) or a token count (> 1), window included;
-    never more than the prompt, never less than the window. slack: rows a layer may hold above
+    never more than the prompt, never less than the window. Evicting again during decoding
+    (`kv_regrow`) takes the same budget over everything seen, prompt and output. slack: rows a layer may hold above
     the budget before an intermediate (not final) chunk compacts it."""
 
     policy: EvictionPolicy

@@ -694,11 +694,15 @@ async def _stream(
 def _merged_stats(ends: list[Finish]) -> dict:
     """One request's `stats` over its choices, which run in the same batched forwards:
     forward passes and times are the longest choice's, draft and accepted tokens are summed,
-    tokens per forward is the choices' mean (their tokens over their forwards), and the
-    prompt's figures (KV, cache hits) are the first choice's."""
+    tokens per forward is the choices' mean (their tokens over their forwards), the prompt's
+    cache hits are the first choice's, and the KV figures are those of the choice that had seen
+    the most tokens at its last eviction (with kv_regrow they depend on each choice's output)."""
     if len(ends) == 1:
         return ends[0].stats
     stats = dict(ends[0].stats)
+    longest = max(ends, key=lambda e: e.stats["kv_tokens_total"])
+    for key in ("kv_tokens_kept", "kv_tokens_total", "kv_evictions"):
+        stats[key] = longest.stats[key]
     for key in ("forward_passes", "prefill_s", "decode_s"):
         stats[key] = max(e.stats[key] for e in ends)
     for key in ("draft_tokens", "accepted_tokens"):

@@ -54,6 +54,8 @@ class Engine:
     def __init__(self, runner: ModelRunner, tokenizer, config: EngineConfig, metrics=None, speculator=None) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
+        if 0 < config.kv_regrow < config.kv_window:
+            raise ValueError(f"kv_regrow ({config.kv_regrow}) must be 0 or at least kv_window ({config.kv_window})")
         self.config = config
         self.metrics = metrics
         self.speculator = speculator
@@ -414,10 +416,13 @@ class Engine:
         start = time.perf_counter()
         length = seq.logical_len
         tail = (seq.prompt_ids + seq.output_ids)[length - eviction.window : length]
-        if self.runner.evict_again(seq.cache, tail, length, eviction):
+        compacted, forward = self.runner.evict_again(seq.cache, tail, length, eviction)
+        if compacted:
             seq.stats.kv_evictions += 1
-        if eviction.policy.needs_queries:
-            seq.stats.forward_passes += 1  # the window's forward
+        if forward:  # the window's forward: a real pass, in the stats and /metrics alike
+            seq.stats.forward_passes += 1
+            if self.metrics is not None:
+                self.metrics.forward_passes.inc()
         seq.stats.kv_tokens_total = length
         seq.stats.kv_tokens_kept = round(seq.cache.mean_length())
         seq.evict_at = length + every

@@ -298,19 +298,25 @@ class ModelRunner:
         return logits[-1]
 
     @torch.no_grad()
-    def evict_again(self, cache: KVCache, tail_ids: list[int], logical_len: int, eviction: Eviction) -> int:
+    def evict_again(
+        self, cache: KVCache, tail_ids: list[int], logical_len: int, eviction: Eviction
+    ) -> tuple[int, bool]:
         """Compact a decoding sequence's cache to `eviction.keep(logical_len)` rows per layer (the
         budget taken over everything the sequence has seen, prompt and output). The observation
         window is the last W tokens in the cache (`tail_ids`, logical positions
         logical_len - W .. logical_len - 1): their rows are dropped and computed again in one
         W-row forward that captures their queries, as the last chunk of an evicting prefill does;
         the recomputed rows equal the dropped ones up to float summation order. A policy that
-        needs no queries (streaming) skips the forward. Returns how many layers were compacted."""
+        needs no queries (streaming) skips the forward, and so does a cache no layer of which is
+        over the budget (nothing to compact). Returns (layers compacted, whether a forward ran)."""
         w = eviction.window
         if len(tail_ids) != w:
             raise ValueError(f"the observation window needs the last {w} tokens, got {len(tail_ids)}")
         if min(cache.lengths()) < w:
             raise ValueError(f"the cache holds fewer rows than the window ({w})")
+        keep = eviction.keep(logical_len)
+        if max(cache.lengths()) <= keep:  # exactly when `compress` would compact nothing
+            return 0, False
         capture = None
         if eviction.policy.needs_queries:
             cache.truncate_new(w, 0)
@@ -318,8 +324,8 @@ class ModelRunner:
             ids = torch.tensor(tail_ids, dtype=torch.long, device=self.device).unsqueeze(0)
             pos = torch.arange(logical_len - w, logical_len, device=self.device).unsqueeze(0)
             self._hidden(ids, pos, cache, key_cache=cache, window_capture=capture)
-        done = compress(cache, eviction.policy, capture, eviction.keep(logical_len), w, reserve=DECODE_HEADROOM)
-        return len(done)
+        done = compress(cache, eviction.policy, capture, keep, w, reserve=DECODE_HEADROOM)
+        return len(done), capture is not None
 
     @torch.no_grad()
     def step_batch(self, caches: list[KVCache], parts: list[StepRows]) -> list[torch.Tensor]:

@@ -79,7 +79,12 @@ class Settings(BaseSettings):
     # kv cache
     kv_policy: Literal["full", "streaming", "snapkv", "adakv", "defensive", "layer_defensive"] = "full"
     kv_budget: float = Field(1.0, gt=0, description="kept KV entries: a fraction (<=1) or a token count (>1)")
-    kv_window: int = Field(32, ge=1, description="observation window (last prompt tokens) for eviction scores")
+    kv_window: int = Field(
+        32,
+        ge=1,
+        description="observation window for eviction scores: the last tokens of the prompt "
+        "(and, with --kv-regrow, of everything seen)",
+    )
     kv_regrow: int = Field(
         0,
         ge=0,

@@ -37,23 +37,31 @@ def grown(runner, tokenizer):
     return cache, ids
 
 
-def test_the_window_is_recomputed_in_place(runner, grown):
+def test_the_window_is_recomputed_where_it_was(runner, grown):
     cache, ids = grown
     cache = copy.deepcopy(cache)
-    before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
-    lengths = cache.lengths()
+    before = [(layer.keys[:, :, -W:].clone(), layer.values[:, :, -W:].clone()) for layer in cache.layers]
     length = len(ids)
-    # a budget above everything seen: the window's rows are dropped and computed again, nothing compacted
-    assert runner.evict_again(cache, ids[-W:], length, eviction_for("defensive", 10_000.0, W)) == 0
-    assert cache.lengths() == lengths
-    for layer, (keys, values) in zip(cache.layers, before, strict=True):
-        torch.testing.assert_close(layer.keys, keys, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(layer.values, values, atol=1e-4, rtol=1e-4)
-    # and at the wrong positions they would differ (RoPE): the check above can fail
-    shifted = copy.deepcopy(cache)
+    assert runner.evict_again(cache, ids[-W:], length, eviction_for("defensive", 0.25, W)) == (runner.num_layers, True)
+    for layer, (keys, values) in zip(cache.layers, before, strict=True):  # recomputed, kept, last
+        torch.testing.assert_close(layer.keys[:, :, -W:], keys, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(layer.values[:, :, -W:], values, atol=1e-4, rtol=1e-4)
+    # at positions one off they would differ (RoPE): the check above can fail
+    shifted = copy.deepcopy(grown[0])
     shifted.truncate_new(W, 0)
     runner.forward(shifted, torch.tensor(ids[-W:]), torch.arange(length - W + 1, length + 1))
-    assert not torch.allclose(shifted.layers[0].keys, before[0][0], atol=1e-4)
+    assert not torch.allclose(shifted.layers[0].keys[:, :, -W:], before[0][0], atol=1e-4)
+
+
+def test_nothing_over_the_budget_means_no_forward_and_no_change(runner, grown):
+    cache, ids = grown
+    cache = copy.deepcopy(cache)
+    lengths, nbytes = cache.lengths(), cache.nbytes()
+    keys = cache.layers[3].keys.clone()
+    # a token budget above everything seen so far: no layer is over it
+    assert runner.evict_again(cache, ids[-W:], len(ids), eviction_for("defensive", 10_000.0, W)) == (0, False)
+    assert cache.lengths() == lengths and cache.nbytes() == nbytes
+    assert torch.equal(cache.layers[3].keys, keys)
 
 
 @pytest.mark.parametrize("name", ["defensive", "layer_defensive", "streaming"])
@@ -65,7 +73,8 @@ def test_evicting_again_returns_to_the_budget_of_everything_seen(runner, grown, 
     keep = eviction.keep(length)
     held = cache.nbytes()
     last_window = [layer.keys[:, :, -W:].clone() for layer in cache.layers]
-    assert runner.evict_again(cache, ids[-W:], length, eviction) > 0
+    compacted, forward = runner.evict_again(cache, ids[-W:], length, eviction)
+    assert compacted > 0 and forward == (name != "streaming")  # streaming needs no queries
     assert cache.mean_length() == pytest.approx(keep)  # real entries per layer and head, window included
     row = 2 * cache.layers[0].keys.shape[1] * cache.layers[0].keys.shape[3] * 4
     assert cache.nbytes() < held

@@ -100,3 +100,23 @@ def test_min_tokens_ignores_a_stop_string_completed_before_it_for_good(tokenizer
     # the first newline came before min_tokens and does not count, then or later; the second ends it
     assert seq.finish_reason == "stop" and text == "Yes.\nMaybe later, perhaps."
     assert seq.params.min_tokens == 0  # the ban is over: plain parameters again
+
+
+def test_merged_stats_of_n_choices():
+    """An n > 1 request's stats: the longest choice's forwards and times, summed drafts, and the
+    KV figures of the choice that had seen the most at its last eviction (kv_regrow)."""
+    from trieserve.server.api import _merged_stats
+    from trieserve.server.sequence import Stats
+
+    def finish(tokens, forwards, kv_total, kv_kept, evictions, drafted):
+        stats = Stats(forward_passes=forwards, draft_tokens=drafted, kv_tokens_total=kv_total)
+        stats.kv_tokens_kept, stats.kv_evictions, stats.cached_tokens = kv_kept, evictions, 64
+        return Finish("length", 300, tokens, stats.as_dict(tokens))
+
+    early = finish(10, 11, 300, 60, 1, 4)  # ended before its first re-eviction
+    late = finish(80, 70, 364, 73, 3, 6)
+    merged = _merged_stats([early, late])
+    assert merged["forward_passes"] == 70 and merged["draft_tokens"] == 10
+    assert (merged["kv_tokens_total"], merged["kv_tokens_kept"], merged["kv_evictions"]) == (364, 73, 3)
+    assert merged["cached_prompt_tokens"] == 64
+    assert merged["tokens_per_forward"] == round(90 / 81, 4)
