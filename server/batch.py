@@ -44,24 +44,30 @@ class BatchCache(Cache):
         self.caches = caches
         self.rows = rows
         self.offsets = offsets
-        # a plain decode step (one row per sequence) appends through `append_rows` (the C++
-        # kernel in server/stream_linear.cpp): one call per layer instead of a few ops per sequence
-        self.append_rows = append_rows if all(t == 1 for t in rows) else None
+        # the one-row parts (plain decode steps) append through `append_rows` (the C++ kernel in
+        # server/stream_linear.cpp): one call per layer instead of a few ops per sequence
+        self.append_rows = append_rows
+        self.single = [b for b, t in enumerate(rows) if t == 1] if append_rows is not None else []
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         """key/value_states [1, H, N, D] → per-sequence lists of all their cached rows."""
-        if self.append_rows is not None:
-            layers = [cache.layers[layer_idx] for cache in self.caches]
-            if all(layer.room_for_one() for layer in layers):
-                bufs = [layer.buffers() for layer in layers]
-                at = [layer.length for layer in layers]
-                self.append_rows(key_states, value_states, [k for k, _ in bufs], [v for _, v in bufs], at)
-                for layer in layers:
-                    layer.advance(1)
-                return [layer.keys for layer in layers], [layer.values for layer in layers]
+        layers = [cache.layers[layer_idx] for cache in self.caches]
+        fast = [b for b in self.single if layers[b].room_for_one()]
+        if fast:
+            bufs = [layers[b].buffers() for b in fast]
+            at = [layers[b].length for b in fast]
+            rows = [self.offsets[b] for b in fast]
+            self.append_rows(key_states, value_states, [k for k, _ in bufs], [v for _, v in bufs], at, rows)
+            for b in fast:
+                layers[b].advance(1)
+        done = set(fast)
         keys, values = [], []
-        for cache, lo, t in zip(self.caches, self.offsets, self.rows, strict=True):
-            k, v = cache.layers[layer_idx].update(key_states[:, :, lo : lo + t], value_states[:, :, lo : lo + t])
+        for b, (layer, lo, t) in enumerate(zip(layers, self.offsets, self.rows, strict=True)):
+            if b in done:
+                keys.append(layer.keys)
+                values.append(layer.values)
+                continue
+            k, v = layer.update(key_states[:, :, lo : lo + t], value_states[:, :, lo : lo + t])
             keys.append(k)
             values.append(v)
         return keys, values

@@ -351,17 +351,19 @@ torch::Tensor decode_attention(const torch::Tensor& query, const std::vector<tor
 }
 
 
-// Append one new row per sequence to its KV buffers: row b of key_states / value_states
-// [1, H, N, D] goes to bufs[b][0, :, at[b], :] (buffers [1, H, capacity, D], rows contiguous).
-// A plain decode step's appends for all its sequences in one call instead of a few tensor ops
-// per sequence and layer; the caller has made room and moves each layer's length on.
+// Append one new row per sequence to its KV buffers: row rows[b] of key_states / value_states
+// [1, H, T, D] goes to bufs[b][0, :, at[b], :] (buffers [1, H, capacity, D], rows contiguous).
+// The one-row parts of a step (plain decode steps) append for all their sequences in one call
+// instead of a few tensor ops per sequence and layer; the caller has made room and moves each
+// layer's length on.
 void append_rows(const torch::Tensor& key_states, const torch::Tensor& value_states,
                  const std::vector<torch::Tensor>& kbufs, const std::vector<torch::Tensor>& vbufs,
-                 const std::vector<int64_t>& at) {
+                 const std::vector<int64_t>& at, const std::vector<int64_t>& rows) {
   const int64_t N = (int64_t)at.size();
-  TORCH_CHECK(key_states.dim() == 4 && key_states.size(0) == 1 && key_states.size(2) == N &&
-                  value_states.sizes() == key_states.sizes(),
-              "append_rows: new rows must be [1, H, N, D] with one row per buffer");
+  TORCH_CHECK(key_states.dim() == 4 && key_states.size(0) == 1 && value_states.sizes() == key_states.sizes(),
+              "append_rows: new rows must be [1, H, T, D]");
+  TORCH_CHECK((int64_t)rows.size() == N, "append_rows: one source row per buffer");
+  for (int64_t r : rows) TORCH_CHECK(r >= 0 && r < key_states.size(2), "append_rows: no source row ", r);
   TORCH_CHECK(key_states.scalar_type() == torch::kFloat32 && value_states.scalar_type() == torch::kFloat32 &&
                   key_states.stride(3) == 1 && value_states.stride(3) == 1,
               "append_rows: fp32 rows with contiguous features");
@@ -381,9 +383,9 @@ void append_rows(const torch::Tensor& key_states, const torch::Tensor& value_sta
     float* kd = kbufs[b].data_ptr<float>();
     float* vd = vbufs[b].data_ptr<float>();
     for (int64_t h = 0; h < H; ++h) {
-      std::copy_n(kp + h * key_states.stride(1) + b * key_states.stride(2), D,
+      std::copy_n(kp + h * key_states.stride(1) + rows[b] * key_states.stride(2), D,
                   kd + h * kbufs[b].stride(1) + at[b] * D);
-      std::copy_n(vp + h * value_states.stride(1) + b * value_states.stride(2), D,
+      std::copy_n(vp + h * value_states.stride(1) + rows[b] * value_states.stride(2), D,
                   vd + h * vbufs[b].stride(1) + at[b] * D);
     }
   }

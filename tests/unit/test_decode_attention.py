@@ -116,11 +116,19 @@ def test_append_rows_writes_each_sequence_s_row_after_its_live_rows(stream_kerne
     keys, values = batch.update(k, v, 0)
     assert len(calls) == 1 and [t.shape[2] for t in keys] == [6, 41]
     assert torch.equal(keys[0][:, :, -1], k[:, :, 0]) and torch.equal(values[1][:, :, -1], v[:, :, 1])
-    # a step with a tree or a chunk in it takes the tensor ops
-    assert BatchCache(roomy, [1, 3], [0, 1], stream_kernel.append_rows).append_rows is None
+    # in a step with a tree, the one-row parts take the kernel and the tree the tensor ops
+    calls.clear()
+    k, v = torch.randn(1, 3, 4, 64), torch.randn(1, 3, 4, 64)
+    batch = BatchCache(roomy, [3, 1], [0, 3], lambda *a: calls.append(a) or stream_kernel.append_rows(*a))
+    keys, values = batch.update(k, v, 0)
+    assert [t.shape[2] for t in keys] == [9, 42] and len(calls) == 1 and calls[0][-1] == [3]
+    assert torch.equal(keys[0][:, :, -3:], k[:, :, :3]) and torch.equal(keys[1][:, :, -1], k[:, :, 3])
+    assert torch.equal(values[0][:, :, -3:], v[:, :, :3]) and torch.equal(values[1][:, :, -1], v[:, :, 3])
 
 
 def test_append_rows_refuses_a_full_buffer(stream_kernel):
     k = torch.zeros(1, 3, 4, 64)
     with pytest.raises(RuntimeError, match="no room"):
-        stream_kernel.append_rows(torch.ones(1, 3, 1, 64), torch.ones(1, 3, 1, 64), [k], [k.clone()], [4])
+        stream_kernel.append_rows(torch.ones(1, 3, 1, 64), torch.ones(1, 3, 1, 64), [k], [k.clone()], [4], [0])
+    with pytest.raises(RuntimeError, match="no source row"):
+        stream_kernel.append_rows(torch.ones(1, 3, 1, 64), torch.ones(1, 3, 1, 64), [k], [k.clone()], [0], [1])
