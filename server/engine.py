@@ -456,9 +456,9 @@ class Engine:
             self._prefilled_chunk(seq, rows, elapsed)
         emitted = 0
         for seq, tree, rows in zip(seqs, trees, logits[: len(seqs)], strict=True):
-            if seq.lookahead:
+            if seq.lookahead and len(tree):
                 tokens, kept = self.speculator.accept(seq, tree, rows)
-            else:
+            else:  # a plain step (no draft this time): the token as plain decoding chooses it
                 seq.logical_len += 1
                 tokens = [choose_token(rows[0], seq.params, seq.prompt_ids, seq.output_ids, seq.generator)]
                 kept = []

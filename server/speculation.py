@@ -129,9 +129,7 @@ class Speculator:
                     state: LookaheadState = seq.state["lookahead"]
                     state.idle += 1
                     if state.idle >= OBSERVE_EVERY:  # search anyway, only to keep calibrating
-                        self.draft_for(seq)
-                    else:
-                        self._stream_output(seq)
+                        self.draft_for(seq)  # which also streams the new output into the store
             return [DraftTree.empty() for _ in seqs]
         trees = [self.draft_for(seq) if seq.lookahead else DraftTree.empty() for seq in seqs]
         if not self.adaptive or not any(len(t) for t in trees):

@@ -181,7 +181,8 @@ def test_best_by_depth_bounds_every_match_length():
 def test_no_trie_search_when_no_draft_could_pay_for_the_batch():
     """Eight sequences whose drafts have kept failing, on a CPU where padding the batch to two
     rows per sequence costs 1.4x: even perfect trees would lose, so the step drafts nothing,
-    without searching the tries, but every sequence's new output still reaches the shared store.
+    without searching the tries; every sequence's new output reaches the shared store at its next
+    search or when it ends.
     Alone, with a good calibration, the same sequence drafts."""
     from types import SimpleNamespace
 
@@ -212,7 +213,9 @@ def test_no_trie_search_when_no_draft_could_pay_for_the_batch():
         cal.version += 1  # rates written directly: best_by_depth must see them
     assert [len(t) for t in spec.plan(None, batch)] == [0] * 8
     assert searched == []
-    assert spec.store.find([5, 6]) is not None  # the output was streamed into the store
+    assert spec.store.find([5, 6]) is None  # not yet streamed: no search ran
+    spec.release(batch[0])
+    assert spec.store.find([5, 6]) is not None
     alone = sequence()
     assert len(spec.plan(None, [alone])[0]) > 0
     assert searched == [alone]
