@@ -96,18 +96,26 @@ def matmul_route(settings: Settings, runner: ModelRunner, model_tag: str) -> tup
     return (rows if settings.skinny_rows is None else settings.skinny_rows), chosen
 
 
+MAX_HEAD_GROUP = 16  # query heads per KV head the decode kernel takes (kMaxGroup in stream_linear.cpp)
+
+
 def decode_kernels(settings: Settings, runner: ModelRunner):
     """The built C++ kernels (server/stream_linear.cpp) whose `decode_attention` and
     `append_rows` take the one-row parts of batched steps, or None (SDPA and tensor ops):
-    `--decode-attention auto` takes them where they can run (a CPU model in float32, a C++
-    compiler to build them), `kernel` insists, `sdpa` never."""
+    `--decode-attention auto` takes them where they can run (a CPU model in float32 with at
+    most 16 query heads per KV head, a C++ compiler to build them), `kernel` insists, `sdpa`
+    never."""
     if settings.decode_attention == "sdpa":
         return None
-    runs_here = runner.device.type == "cpu" and settings.dtype == "float32"
+    config = runner.model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    grouping = heads % kv_heads == 0 and heads // kv_heads <= MAX_HEAD_GROUP  # the kernel's limit
+    runs_here = runner.device.type == "cpu" and settings.dtype == "float32" and grouping
     module = matmul.load_stream(settings.cache_dir / "ext") if runs_here else None
     if module is None and settings.decode_attention == "kernel":
         raise RuntimeError(
-            "--decode-attention kernel needs a float32 model on the CPU and a C++ compiler to build it (the log says why)"
+            "--decode-attention kernel needs a float32 model on the CPU with at most 16 query heads per KV head, and a C++ compiler to build it (the log says why)"
         )
     return module
 

@@ -193,6 +193,7 @@ class Engine:
                 log.exception("engine round failed")
                 self._fail(list(self.running), exc)
         for seq in self.running + _drain(self.waiting):
+            self._release(seq)  # its output still reaches the shared store saved at stop
             seq.finish("cancelled")
         self.running.clear()
 

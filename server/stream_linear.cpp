@@ -194,8 +194,10 @@ constexpr int64_t KB = 256;    // keys per work item
 constexpr int kMaxGroup = 16;  // query heads per KV head handled
 
 #if defined(__AVX512F__)
-inline __m512 exp_neg(__m512 x) {  // e^x for x <= 0 (to ~1 ulp); x below -87 gives ~0
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+// e^x for x <= 0, relative error below 4e-6 (enough for softmax weights); x below -87 gives
+// ~1.6e-38, and a NaN stays NaN (max_ps returns its second operand when either is NaN)
+inline __m512 exp_neg(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
   __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
   __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 f = _mm512_sub_ps(t, n);  // 2^t = 2^n 2^f, |f| <= 0.5
@@ -248,7 +250,7 @@ void attend_block(const float* q, int G, int64_t D, const float* k, const float*
   }
   for (int h = 0; h < G; ++h) {
     float m = scores[h][0];
-    for (int64_t r = 1; r < n; ++r) m = std::max(m, scores[h][r]);
+    for (int64_t r = 1; r < n; ++r) m = (scores[h][r] > m || std::isnan(scores[h][r])) ? scores[h][r] : m;  // NaN sticks
     exp_shifted(scores[h], n, m);
     float l = 0.0f;
     for (int64_t r = 0; r < n; ++r) l += scores[h][r];

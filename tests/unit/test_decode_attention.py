@@ -132,3 +132,26 @@ def test_append_rows_refuses_a_full_buffer(stream_kernel):
         stream_kernel.append_rows(torch.ones(1, 3, 1, 64), torch.ones(1, 3, 1, 64), [k], [k.clone()], [4], [0])
     with pytest.raises(RuntimeError, match="no source row"):
         stream_kernel.append_rows(torch.ones(1, 3, 1, 64), torch.ones(1, 3, 1, 64), [k], [k.clone()], [0], [1])
+
+
+def test_a_nan_score_anywhere_gives_nan_as_sdpa_does(stream_kernel):
+    """A broken model's NaN is not hidden: a NaN key in the middle of a block reaches the output."""
+    keys, values = [cache_view(3, 300, 64)], [cache_view(3, 300, 64)]
+    keys[0][0, 1, 5] = float("nan")
+    out = stream_kernel.decode_attention(torch.randn(1, 9, 64), keys, values, 0.125)
+    assert torch.isnan(out[0, 3:6]).all() and torch.isfinite(out[0, :3]).all() and torch.isfinite(out[0, 6:]).all()
+
+
+def test_models_beyond_the_kernel_s_head_grouping_keep_sdpa(tmp_path):
+    """An MQA model with 32 query heads on one KV head: `auto` leaves it on SDPA (no build is
+    even tried), `kernel` says why it cannot."""
+    from types import SimpleNamespace
+
+    from trieserve.server.builder import decode_kernels
+    from trieserve.server.settings import Settings
+
+    config = SimpleNamespace(num_attention_heads=32, num_key_value_heads=1)
+    runner = SimpleNamespace(model=SimpleNamespace(config=config), device=torch.device("cpu"))
+    assert decode_kernels(Settings(cache_dir=tmp_path), runner) is None
+    with pytest.raises(RuntimeError, match="16 query heads per KV head"):
+        decode_kernels(Settings(cache_dir=tmp_path, decode_attention="kernel"), runner)
