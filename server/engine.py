@@ -416,7 +416,9 @@ class Engine:
         eviction, every = seq.state["evict_again"]
         start = time.perf_counter()
         length = seq.logical_len
-        tail = (seq.prompt_ids + seq.output_ids)[length - eviction.window : length]
+        w, cached_out = eviction.window, length - len(seq.prompt_ids)  # output tokens in the cache
+        head = seq.prompt_ids[len(seq.prompt_ids) - (w - cached_out) :] if cached_out < w else []
+        tail = head + seq.output_ids[max(cached_out - w, 0) : cached_out]  # the last w cached tokens
         compacted, forward = self.runner.evict_again(seq.cache, tail, length, eviction)
         if compacted:
             seq.stats.kv_evictions += 1

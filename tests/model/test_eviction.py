@@ -10,17 +10,13 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from trieserve.cache.eviction import Eviction, PrefillTrace, WindowCapture, compress, eviction_for
 from trieserve.cache.policies import HEAD_CAP, make_policy
-from trieserve.decoding.draft import DraftConfig
 from trieserve.decoding.sampling import SamplingParams
-from trieserve.decoding.trie import OutputStore
-from trieserve.server.budget import StepCost
-from trieserve.server.engine import Engine, EngineConfig
+from trieserve.server.engine import EngineConfig
 from trieserve.server.runner import ATTENTION_NAME
 from trieserve.server.sequence import GenerationRequest
 from trieserve.server.settings import Settings
-from trieserve.server.speculation import Speculator
 
-from tests.model.engine_io import run_request
+from tests.model.engine_io import full_budget_engine, repeat_prompt, run_request
 
 W = 32
 N = 224  # 3 prefill chunks of 64 (the runner fixture's) + one window: prefill splits it the same way
@@ -167,16 +163,10 @@ def test_greedy_lookahead_on_an_evicted_cache_matches_plain_greedy(runner, token
         kv_policy="defensive", kv_budget=0.5, decoding_length=16, branch_length=6, adaptive_budget=False
     )
     config = EngineConfig(kv_policy=settings.kv_policy, kv_budget=settings.kv_budget, kv_window=settings.kv_window)
-    draft = DraftConfig(branch_length=settings.branch_length)
-    speculator = Speculator(
-        OutputStore(10_000, draft.ngram_len, tag="test"), draft, 16, StepCost([1], [1.0]), adaptive=False
-    )
-    engine = Engine(runner, tokenizer, config, speculator=speculator)
+    engine = full_budget_engine(runner, tokenizer, config, branch_length=settings.branch_length)
     engine.start()
     try:
-        code = pydoc_data.topics.topics["with"][:600]
-        msgs = [{"role": "user", "content": f"Repeat this text exactly:\n\n{code}"}]
-        ids = tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+        ids = repeat_prompt(tokenizer, pydoc_data.topics.topics["with"][:600])
         plain, fin_plain = generate(engine, ids, 24, lookahead=False)
         fast, fin_fast = generate(engine, ids, 24, lookahead=True)
     finally:

@@ -9,15 +9,11 @@ import pytest
 import torch
 from trieserve.cache.eviction import DECODE_HEADROOM, Eviction, eviction_for
 from trieserve.cache.policies import HEAD_CAP, make_policy
-from trieserve.decoding.draft import DraftConfig
 from trieserve.decoding.sampling import SamplingParams
-from trieserve.decoding.trie import OutputStore
-from trieserve.server.budget import StepCost
 from trieserve.server.engine import Engine, EngineConfig
 from trieserve.server.sequence import GenerationRequest
-from trieserve.server.speculation import Speculator
 
-from tests.model.engine_io import run_request
+from tests.model.engine_io import full_budget_engine, repeat_prompt, run_request
 
 W = 32
 PROMPT = 192
@@ -107,16 +103,10 @@ def test_greedy_lookahead_matches_plain_greedy_across_evictions(runner, tokenize
     # the full draft budget every step (no adaptive sizing): trees of up to 16 nodes keep trying
     # to carry the sequence past its next eviction, which the step must stop exactly at
     config = EngineConfig(kv_policy="defensive", kv_budget=0.5, kv_window=W, kv_regrow=48)
-    draft = DraftConfig(branch_length=8)
-    speculator = Speculator(
-        OutputStore(10_000, draft.ngram_len, tag="test"), draft, 16, StepCost([1], [1.0]), adaptive=False
-    )
-    engine = Engine(runner, tokenizer, config, speculator=speculator)
+    engine = full_budget_engine(runner, tokenizer, config, branch_length=8)
     engine.start()
     try:
-        text = pydoc_data.topics.topics["with"][:700]
-        msgs = [{"role": "user", "content": f"Repeat this text exactly:\n\n{text}"}]
-        ids = tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+        ids = repeat_prompt(tokenizer, pydoc_data.topics.topics["with"][:700])
         plain, plain_stats = generate(engine, ids, 120, lookahead=False, regrow=None)
         fast, fast_stats = generate(engine, ids, 120, lookahead=True, regrow=None)
         once, once_stats = generate(engine, ids, 120, lookahead=False, regrow=0)
