@@ -53,9 +53,9 @@ def main() -> None:
                     kernels.append_rows,
                 )
     runner = next(iter(runners.values()))
-    route = matmul_route(settings, runner, path.name)  # the server's matmul route (rows, kernel)
+    route = matmul_route(settings, runner, path.name)  # the server's matmul route
     for r in runners.values():
-        r.set_skinny_rows(*route)
+        r.set_route(route)
     prompt = [100 + i % 1000 for i in range(args.prefix)]
     prefill = dict.fromkeys(runners, float("inf"))
     for _ in range(args.repeats + 1):

@@ -153,21 +153,21 @@ class HFRunner:
         self.calls += 1
 
     def generate(
-        self, ids: list[int], pld: bool, max_new_tokens: int | None = None, route: tuple[int, str] | None = None
+        self, ids: list[int], pld: bool, max_new_tokens: int | None = None, route: matmul.Route | None = None
     ) -> tuple[list[int], float, int]:
-        """Returns (new token ids, seconds, forward calls). `route`: (max_rows, kernel) of a CPU
-        few-row matmul route switched in for the run (and out again afterwards)."""
+        """Returns (new token ids, seconds, forward calls). `route`: a CPU few-row matmul
+        route (`matmul.Route`) switched in for the run (and out again afterwards)."""
         return self.run_on(lambda: self._generate(ids, pld, max_new_tokens, route))
 
     @torch.inference_mode()
     def _generate(
-        self, ids: list[int], pld: bool, max_new_tokens: int | None, route: tuple[int, str] | None
+        self, ids: list[int], pld: bool, max_new_tokens: int | None, route: matmul.Route | None
     ) -> tuple[list[int], float, int]:
         x = torch.tensor([ids])
         extra = {"prompt_lookup_num_tokens": PLD_TOKENS} if pld else {}
         self.calls = 0
         if route:
-            matmul.install(self.model, *route)
+            matmul.install(self.model, route.max_rows, route.kernel, route.min_rows)
         try:
             start = time.perf_counter()
             out = self.model.generate(
@@ -263,7 +263,7 @@ def measure(
     gc.collect()
     torch.manual_seed(seed)
     if method.startswith("hf_"):
-        route = (ts.runner.skinny_rows, ts.runner.matmul_kernel) if method == "hf_pld_route" else None
+        route = ts.runner.route if method == "hf_pld_route" else None
         tokens, seconds, forwards = hf.generate(ids, pld=method != "hf_greedy", route=route)
         return Run(prompt.workload, index, method, len(ids), tokens, seconds, forwards)
     tokens, seconds, stats = ts.generate(ids, lookahead=method != "ts_greedy")
@@ -284,7 +284,7 @@ def warm_up(hf: HFRunner, ts: EngineRunner, ids: list[int]) -> None:
     """One short unmeasured run per method so no method pays first-call costs."""
     hf.generate(ids, pld=False, max_new_tokens=16)
     hf.generate(ids, pld=True, max_new_tokens=16)
-    hf.generate(ids, pld=True, max_new_tokens=16, route=(ts.runner.skinny_rows, ts.runner.matmul_kernel))
+    hf.generate(ids, pld=True, max_new_tokens=16, route=ts.runner.route)
     ts.generate(ids, lookahead=False, max_new_tokens=16)
     ts.generate(ids, lookahead=True, max_new_tokens=16)
 

@@ -39,13 +39,14 @@ def main() -> None:
     print("| rows | " + " | ".join(f"{a} ms" for a in arms) + " | " + " | ".join(f"{a} / one row" for a in arms) + " |")
     print("|---:|" + "---:|" * (2 * len(arms)))
     for n in sorted(best["stock"]):
-        if n > 1:
+        if n >= 1:
             ms = " | ".join(f"{best[a][n] * 1e3:.1f}" for a in arms)
             ratios = " | ".join(f"{best[a][n] / one:.2f}x" for a in arms)
             print(f"| {n} | {ms} | {ratios} |")
-    kernel, rows = matmul.pick_route(best)
+    route = matmul.pick_route(best)
     print(
-        f"picked: --matmul-kernel {kernel} --skinny-rows {rows} (the largest size where the kernel is >= {matmul.MARGIN:.0%} faster than stock, none below it >= {matmul.MARGIN:.0%} slower)"
+        f"picked: --matmul-kernel {route.kernel} --skinny-rows {route.max_rows} (the largest size where the kernel is >= {matmul.MARGIN:.0%} faster than stock, none below it >= {matmul.MARGIN:.0%} slower); "
+        f"one row: {'the kernel' if route.min_rows == 1 else 'F.linear'}"
     )
 
 

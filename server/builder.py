@@ -57,7 +57,7 @@ def _build(settings: Settings, metrics=None):
     set_backend(settings.kernels)
     model, tokenizer = load_model(path, settings.dtype, device)
     runner = ModelRunner(model, prefill_chunk=settings.prefill_chunk, skinny_rows=0, lean=settings.lean_forward)
-    runner.set_skinny_rows(*matmul_route(settings, runner, path.name))
+    runner.set_route(matmul_route(settings, runner, path.name))
     kernels = decode_kernels(settings, runner)
     if kernels is not None:
         runner.decode_attention, runner.append_rows = kernels.decode_attention, kernels.append_rows
@@ -77,11 +77,11 @@ def _build(settings: Settings, metrics=None):
     return engine, tokenizer
 
 
-def matmul_route(settings: Settings, runner: ModelRunner, model_tag: str) -> tuple[int, str]:
-    """(max_rows, kernel) of the CPU few-row matmul route: `--skinny-rows` and `--matmul-kernel`
-    where given, the rest this machine's measured choice (cached per hardware)."""
+def matmul_route(settings: Settings, runner: ModelRunner, model_tag: str) -> matmul.Route:
+    """The CPU few-row matmul route: `--skinny-rows` and `--matmul-kernel` where given, the rest
+    this machine's measured choice (cached per hardware), one-row forwards included."""
     if runner.device.type != "cpu" or settings.skinny_rows == 0:
-        return 0, "skinny"
+        return matmul.STOCK
     kernel = None if settings.matmul_kernel == "auto" else settings.matmul_kernel
     if kernel == "stream" and settings.dtype != "float32":
         raise ValueError(f"--matmul-kernel stream runs float32 models only (--dtype is {settings.dtype})")
@@ -90,10 +90,12 @@ def matmul_route(settings: Settings, runner: ModelRunner, model_tag: str) -> tup
         if kernel == "stream" and not matmul.stream_available():
             raise RuntimeError("--matmul-kernel stream: the kernel could not be built (the log says why)")
     if settings.skinny_rows is not None and kernel is not None:
-        return settings.skinny_rows, kernel
+        return matmul.Route(kernel, settings.skinny_rows)
     key = _hardware_key(settings, runner, model_tag, route=False)
-    chosen, rows = matmul.cached_route(runner, settings.cache_dir / "matmul" / f"{key}.json", kernel)
-    return (rows if settings.skinny_rows is None else settings.skinny_rows), chosen
+    chosen = matmul.cached_route(runner, settings.cache_dir / "matmul" / f"{key}.json", kernel)
+    if settings.skinny_rows is not None:
+        chosen = chosen._replace(max_rows=settings.skinny_rows)
+    return chosen
 
 
 MAX_HEAD_GROUP = 16  # query heads per KV head the decode kernel takes (kMaxGroup in stream_linear.cpp)
@@ -165,7 +167,7 @@ def _hardware_key(settings: Settings, runner: ModelRunner, model_tag: str, route
     key = f"{model_tag}|{runner.vocab_size}|{runner.num_layers}|{settings.dtype}|{hardware}|torch{torch.__version__}"
     key += "|lean" if runner.lean is not None else "|transformers"
     if route:
-        key += f"|{runner.matmul_kernel}{runner.skinny_rows}"
+        key += f"|{runner.matmul_kernel}{runner.skinny_min_rows}-{runner.skinny_rows}"
         if runner.decode_attention is not None:
             key += "|decode-attention"
         if (runner.matmul_kernel == "stream" and runner.skinny_rows) or runner.decode_attention is not None:

@@ -131,13 +131,14 @@ class LeanLlama:
         cache,
         max_rows: int = 0,
         kernel: str = "skinny",
+        min_rows: int = 2,
         **kwargs,
     ) -> torch.Tensor:
         """input_ids, position_ids [1, T]; returns hidden states [1, T, hidden]. `max_rows`,
-        `kernel`: the few-row matmul route (server/matmul.py)."""
+        `kernel`, `min_rows`: the few-row matmul route (server/matmul.py)."""
 
         def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-            return matmul.linear(x, weight, None, max_rows, kernel)
+            return matmul.linear(x, weight, None, max_rows, kernel, min_rows)
 
         h = self.embed(input_ids)
         cos, sin = self.rotary(h, position_ids)

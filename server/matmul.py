@@ -17,14 +17,19 @@ for 2..`max_rows` rows:
   on how many rows share the call. Without a compiler it is simply not offered.
 
 Which wins depends on the BLAS and the CPU, so the choice is measured, not fixed:
-`measure_routes` times whole-model forwards of 2..32 rows with each kernel (interleaved, fastest
+`measure_routes` times whole-model forwards of 1..32 rows with each kernel (interleaved, fastest
 of several rounds) and `pick_route` takes, for each kernel, the largest N where it beats stock
-`F.linear` clearly at every measured size up to N, then the kernel with the larger N. The server
-does this once per machine at start-up and caches the answer (`cached_route`);
-`--skinny-rows N` and `--matmul-kernel` force either part.
+`F.linear` clearly at every measured size from 2 up to N, then the kernel with the larger N; the
+chosen kernel takes one-row forwards too (a plain decode step) when it beats stock there clearly.
+On the Xeon, MKL's matrix-vector kernel is as fast as streaming gets; on a 2-core AMD EPYC
+(AVX2) `F.linear` of one row reads the weights at half the stream kernel's speed (the 49152-row
+output head: 10.3 against 5.3 ms). The server does this once per machine at start-up and caches
+the answer (`cached_route`); `--skinny-rows N` and `--matmul-kernel` force either part (with
+both forced, one row stays on `F.linear`).
 
-`install(model, max_rows, kernel)` switches the model's `nn.Linear` modules to `SkinnyLinear`,
-which takes the kernel for 2..`max_rows` rows and is `F.linear` otherwise (the lean forward,
+`install(model, max_rows, kernel, min_rows)` switches the model's `nn.Linear` modules to
+`SkinnyLinear`, which takes the kernel for `min_rows`..`max_rows` rows (`min_rows` 1 or 2) and is
+`F.linear` otherwise (the lean forward,
 server/lean.py, calls the same `linear` with the runner's route); the weights, tying and the
 model's code are untouched. Only CPU models are switched (GPUs run both shapes at full speed).
 Each output element is the same dot product; only the summation order may differ, as it
@@ -42,6 +47,7 @@ import shutil
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +63,19 @@ KERNELS = ("skinny", "stream")
 SOURCE = Path(__file__).with_name("stream_linear.cpp")
 
 _stream: ModuleType | None = None  # the built stream kernel, once `load_stream` succeeded
+ROUTE_FORMAT = 2  # cached route files of another format are measured again (1: one row never timed)
+
+
+class Route(NamedTuple):
+    """The few-row matmul route: `kernel` computes forwards of `min_rows`..`max_rows` rows
+    (max_rows 0: stock `F.linear` everywhere)."""
+
+    kernel: str = "skinny"
+    max_rows: int = 0
+    min_rows: int = 2
+
+
+STOCK = Route()
 
 
 STALE_LOCK_S = 600.0  # a build lock this old was left by a build that was killed
@@ -164,17 +183,23 @@ class SkinnyLinear(nn.Linear):
 
     max_rows = MAX_ROWS
     kernel = "skinny"
+    min_rows = 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.max_rows, self.kernel)
+        return linear(x, self.weight, self.bias, self.max_rows, self.kernel, self.min_rows)
 
 
 def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_rows: int, kernel: str = "skinny"
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    max_rows: int,
+    kernel: str = "skinny",
+    min_rows: int = 2,
 ) -> torch.Tensor:
-    """F.linear, computed with `kernel` when x has 2..max_rows rows."""
+    """F.linear, computed with `kernel` when x has min_rows..max_rows rows."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not 2 <= rows <= max_rows:
+    if not min_rows <= rows <= max_rows:
         return F.linear(x, weight, bias)
     if kernel == "stream":
         return _stream.stream_linear(x, weight, bias)
@@ -185,22 +210,23 @@ def linear(
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def install(model: nn.Module, max_rows: int = MAX_ROWS, kernel: str = "skinny") -> int:
-    """Switch a CPU model's linear layers to SkinnyLinear with `kernel` (in place; again only
-    updates the route). Returns how many layers take it."""
+def install(model: nn.Module, max_rows: int = MAX_ROWS, kernel: str = "skinny", min_rows: int = 2) -> int:
+    """Switch a CPU model's linear layers to SkinnyLinear with `kernel` for min_rows..max_rows
+    rows (in place; again only updates the route). Returns how many layers take it."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown matmul kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    if min_rows not in (1, 2):
+        raise ValueError(f"min_rows must be 1 or 2, not {min_rows}")
     if kernel == "stream" and _stream is None:
         raise RuntimeError("the stream kernel is not built: call load_stream first")
-    if max_rows < 2 or next(model.parameters()).device.type != "cpu":
+    if max_rows < min_rows or next(model.parameters()).device.type != "cpu":
         return 0
     count = 0
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = SkinnyLinear
         if isinstance(module, SkinnyLinear):
-            module.max_rows = max_rows
-            module.kernel = kernel
+            module.max_rows, module.kernel, module.min_rows = max_rows, kernel, min_rows
             count += 1
     return count
 
@@ -218,8 +244,8 @@ def uninstall(model: nn.Module) -> int:
 def measure_routes(
     runner, rows: tuple[int, ...] = MEASURED_ROWS, prefix: int = 128, rounds: int = 3
 ) -> dict[str, dict[int, float]]:
-    """Seconds of one forward of each row count (one sequence, `prefix` tokens cached, causal
-    rows: a lookahead step's shape) with stock `F.linear` and with each available kernel,
+    """Seconds of one forward of each row count, one row included (one sequence, `prefix` tokens
+    cached, causal rows: a lookahead step's shape) with stock `F.linear` and with each available kernel,
     interleaved over `rounds` (plus a warm-up round); the fastest of each is kept. Leaves the
     model with stock linears; the caller installs what it picks. Returns {"stock": {rows: s},
     "skinny": ..., "stream": ... (when built)}."""
@@ -227,7 +253,7 @@ def measure_routes(
     arms = {"stock": lambda: runner.set_skinny_rows(0)}
     for kernel in KERNELS:
         if kernel != "stream" or stream_available(runner):
-            arms[kernel] = lambda k=kernel: runner.set_skinny_rows(max(sizes), k)
+            arms[kernel] = lambda k=kernel: runner.set_skinny_rows(max(sizes), k, min_rows=1)
     best = runner.time_row_forwards(sizes, prefix, rounds, arms)
     runner.set_skinny_rows(0)
     return best
@@ -248,39 +274,52 @@ def pick_max_rows(stock: dict[int, float], kernel: dict[int, float], margin: flo
     return chosen
 
 
-def pick_route(best: dict[str, dict[int, float]], kernel: str | None = None) -> tuple[str, int]:
-    """(kernel, max_rows) from `measure_routes`' timings: each kernel's `pick_max_rows`, and the
-    kernel with the larger range; on a tie the one with the smaller total time over that range.
-    `kernel` forces the kernel (its range still measured). ("skinny", 0): stock everywhere."""
+def pick_route(best: dict[str, dict[int, float]], kernel: str | None = None) -> Route:
+    """The route from `measure_routes`' timings: each kernel's `pick_max_rows`, and the kernel
+    with the larger range; on a tie the one with the smaller total time over that range. The
+    chosen kernel also takes one row when it is faster than stock there by `MARGIN` (a kernel
+    that wins only at one row gets 1..1). `kernel` forces the kernel (its range still measured).
+    `STOCK`: stock everywhere."""
     stock = best["stock"]
     ranges = {k: pick_max_rows(stock, best[k]) for k in KERNELS if k in best}
+
+    def one_row(k: str) -> bool:
+        return 1 in stock and 1 in best.get(k, {}) and best[k][1] <= (1 - MARGIN) * stock[1]
+
+    def route(k: str) -> Route:
+        if one_row(k):
+            return Route(k, max(ranges.get(k, 0), 1), 1)
+        return Route(k, ranges.get(k, 0))
+
     if kernel is not None:
-        return kernel, ranges.get(kernel, 0)
+        return route(kernel)
     if not ranges:
-        return "skinny", 0
+        return STOCK
 
     def rank(k: str) -> tuple[int, float]:
         return ranges[k], -sum(t for n, t in best[k].items() if 2 <= n <= ranges[k])
 
     chosen = max(ranges, key=rank)
-    return (chosen, ranges[chosen]) if ranges[chosen] else ("skinny", 0)
+    if not ranges[chosen]:  # nothing wins from two rows: a kernel may still win at one
+        chosen = min(ranges, key=lambda k: best[k].get(1, float("inf")))
+    return route(chosen) if route(chosen).max_rows else STOCK
 
 
-def cached_route(runner, path: Path, kernel: str | None = None) -> tuple[str, int]:
+def cached_route(runner, path: Path, kernel: str | None = None) -> Route:
     """`pick_route` for this machine: from `path` when it was measured before, else measured
     now (several seconds) and written there. The file records which build of the stream kernel
     was timed: it is measured again when that kernel is available now and was not timed, or
     was timed in another build; when it is not available (not built, or a non-fp32 model) its
     timings are set aside. Non-CPU models: ("skinny", 0), nothing measured."""
     if runner.device.type != "cpu":
-        return "skinny", 0
+        return STOCK
     available = stream_available(runner)
     current = stream_key() if available else None
     best = None
     try:
         data = json.loads(path.read_text())
         best = {arm: {int(n): float(t) for n, t in times.items()} for arm, times in data["timings"].items()}
-        if available and data.get("stream") != current:
+        if data.get("format") != ROUTE_FORMAT or (available and data.get("stream") != current):
             best = None  # the stream kernel untimed, or timed in another build of it
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         best = None
@@ -288,10 +327,18 @@ def cached_route(runner, path: Path, kernel: str | None = None) -> tuple[str, in
         best = measure_routes(runner)
         chosen = pick_route(best)
         table = ", ".join(f"{n}:" + "/".join(f"{best[a][n] * 1e3:.0f}" for a in best) for n in sorted(best["stock"]))
-        log.info("matmul ms by rows (%s): %s -> %s for 2..%d rows", "/".join(best), table, *chosen)
+        log.info(
+            "matmul ms by rows (%s): %s -> %s for %d..%d rows",
+            "/".join(best),
+            table,
+            chosen.kernel,
+            chosen.min_rows,
+            chosen.max_rows,
+        )
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(path, json.dumps({"route": chosen, "timings": best, "stream": current}).encode())
+            data = {"format": ROUTE_FORMAT, "route": chosen, "timings": best, "stream": current}
+            write_atomically(path, json.dumps(data).encode())
         except OSError as exc:
             log.warning("could not cache the matmul route at %s: %s", path, exc)
     if not available:

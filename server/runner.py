@@ -149,19 +149,29 @@ class ModelRunner:
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.skinny_rows = 0
         self.matmul_kernel = "skinny"
+        self.skinny_min_rows = 2  # 1: one-row forwards take the kernel too
         # attention of one-row decode parts in batched steps (server/stream_linear.cpp); None = SDPA
         self.decode_attention: Callable | None = None
         self.append_rows: Callable | None = None  # the same kernels' one-row-per-sequence KV append
         self.set_skinny_rows(skinny_rows)
 
-    def set_skinny_rows(self, max_rows: int, kernel: str = "skinny") -> None:
-        """Route CPU forwards of 2..max_rows rows through a few-row matmul kernel ("skinny" or
-        "stream"; 0 rows: stock F.linear everywhere); see trieserve.server.matmul."""
-        if matmul.install(self.model, max_rows, kernel):
-            self.skinny_rows, self.matmul_kernel = max_rows, kernel
+    def set_skinny_rows(self, max_rows: int, kernel: str = "skinny", min_rows: int = 2) -> None:
+        """Route CPU forwards of min_rows..max_rows rows (min_rows 1 or 2) through a few-row
+        matmul kernel ("skinny" or "stream"; 0 rows: stock F.linear everywhere); see
+        trieserve.server.matmul."""
+        if matmul.install(self.model, max_rows, kernel, min_rows):
+            self.skinny_rows, self.matmul_kernel, self.skinny_min_rows = max_rows, kernel, min_rows
         else:
             matmul.uninstall(self.model)
-            self.skinny_rows, self.matmul_kernel = 0, "skinny"
+            self.skinny_rows, self.matmul_kernel, self.skinny_min_rows = 0, "skinny", 2
+
+    def set_route(self, route: matmul.Route) -> None:
+        """`set_skinny_rows` from a `matmul.Route`."""
+        self.set_skinny_rows(route.max_rows, route.kernel, route.min_rows)
+
+    @property
+    def route(self) -> matmul.Route:
+        return matmul.Route(self.matmul_kernel, self.skinny_rows, self.skinny_min_rows)
 
     def new_cache(self) -> KVCache:
         return KVCache(self.num_layers)
@@ -232,7 +242,13 @@ class ModelRunner:
         """Last hidden states [1, T, hidden] of a forward over [1, T] rows into `cache`."""
         if self.lean is not None:
             return self.lean.forward(
-                input_ids, position_ids, cache, max_rows=self.skinny_rows, kernel=self.matmul_kernel, **kwargs
+                input_ids,
+                position_ids,
+                cache,
+                max_rows=self.skinny_rows,
+                kernel=self.matmul_kernel,
+                min_rows=self.skinny_min_rows,
+                **kwargs,
             )
         return self.model.base_model(
             input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True, **kwargs

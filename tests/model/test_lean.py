@@ -36,12 +36,14 @@ def test_fused_weights_add_no_memory(runners):
     assert gate.untyped_storage().data_ptr() == up.untyped_storage().data_ptr()
 
 
-@pytest.mark.parametrize(("skinny", "kernel"), [(0, "skinny"), (8, "skinny"), (8, "stream")])
-def test_prefill_step_and_tree_step_match_bit_for_bit(runners, skinny, kernel, request):
+@pytest.mark.parametrize(
+    ("skinny", "kernel", "min_rows"), [(0, "skinny", 2), (8, "skinny", 2), (8, "stream", 2), (8, "stream", 1)]
+)
+def test_prefill_step_and_tree_step_match_bit_for_bit(runners, skinny, kernel, min_rows, request):
     if kernel == "stream":
         request.getfixturevalue("stream_kernel")
     for r in runners:
-        r.set_skinny_rows(skinny, kernel)
+        r.set_skinny_rows(skinny, kernel, min_rows)
     try:
         _compare_steps(runners)
     finally:

@@ -142,14 +142,15 @@ def test_cached_route_measures_once_then_reads_the_file(model_dir, tmp_path, mon
     model, _ = load_model(model_dir, "float32", "cpu")  # its own copy: the route is switched on it
     runner = ModelRunner(model, skinny_rows=0)
     path = tmp_path / "matmul" / "key.json"
-    kernel, rows = matmul.cached_route(runner, path)
-    assert kernel in matmul.KERNELS and rows in (0, 2, 3) and calls == [1]
+    route = matmul.cached_route(runner, path)
+    kernel, rows, min_rows = route
+    assert kernel in matmul.KERNELS and rows in (0, 1, 2, 3) and min_rows in (1, 2) and calls == [1]
     data = json.loads(path.read_text())
-    assert data["route"] == [kernel, rows] and set(data["timings"]) == {"stock", "skinny", "stream"}
+    assert data["route"] == list(route) and set(data["timings"]) == {"stock", "skinny", "stream"}
     assert all(set(t) == {"1", "2", "3"} and min(t.values()) > 0 for t in data["timings"].values())
-    assert matmul.cached_route(runner, path) == (kernel, rows) and calls == [1]
+    assert matmul.cached_route(runner, path) == route and calls == [1]
     # a forced kernel is read from the same timings
     assert matmul.cached_route(runner, path, "skinny")[0] == "skinny" and calls == [1]
-    runner.set_skinny_rows(rows, kernel)
-    assert (runner.skinny_rows, runner.matmul_kernel) == ((rows, kernel) if rows else (0, "skinny"))
+    runner.set_route(route)
+    assert runner.route == (route if rows else matmul.STOCK)
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear)) == (rows == 0)

@@ -70,6 +70,13 @@ def test_rows_in_range_take_the_skinny_route_and_others_f_linear(monkeypatch):
     layer(torch.randn(1, 24))
     layer(torch.randn(10, 24))
     assert calls == [torch.Size([1, 24]), torch.Size([10, 24])]
+    # a route from one row: a plain decode step takes the kernel too
+    assert matmul.install(layer, max_rows=9, min_rows=1) == 1 and layer.min_rows == 1
+    layer(torch.randn(1, 24))
+    layer(torch.randn(1, 1, 24))
+    assert calls == [torch.Size([1, 24]), torch.Size([10, 24])]
+    with pytest.raises(ValueError, match="min_rows"):
+        matmul.install(layer, max_rows=9, min_rows=0)
 
 
 def test_pick_max_rows_takes_the_last_clear_win_before_a_clear_loss():
@@ -88,13 +95,15 @@ def test_pick_max_rows_takes_the_last_clear_win_before_a_clear_loss():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shape", [(2, 576), (3, 37), (8, 576), (9, 24), (17, 1536), (3, 4, 576), (1, 7, 16)])
+@pytest.mark.parametrize(
+    "shape", [(1, 576), (1, 1, 37), (2, 576), (3, 37), (8, 576), (9, 24), (17, 1536), (3, 4, 576), (1, 7, 16)]
+)
 def test_stream_kernel_equals_f_linear(stream_kernel, shape, bias):
     torch.manual_seed(1)
     layer = nn.Linear(shape[-1], 131, bias=bias)  # 131 features: a remainder after every block size
     x = torch.randn(*shape)
     expected = F.linear(x, layer.weight, layer.bias)
-    matmul.install(layer, max_rows=32, kernel="stream")
+    matmul.install(layer, max_rows=32, kernel="stream", min_rows=1)
     out = layer(x)
     assert out.shape == expected.shape and out.is_contiguous()
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
@@ -143,13 +152,27 @@ def test_pick_route_takes_the_kernel_with_the_longer_range():
     skinny = {1: 1.0, 2: 2.1, 3: 2.2, 4: 2.2, 8: 2.3, 16: 2.3, 32: 2.9}  # Xeon-like: never
     stream = {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.05, 8: 1.2, 16: 1.7, 32: 2.5}
     best = {"stock": stock, "skinny": skinny, "stream": stream}
-    assert matmul.pick_route(best) == ("stream", 32)
-    assert matmul.pick_route(best, kernel="skinny") == ("skinny", 0)
-    assert matmul.pick_route({"stock": stock, "skinny": skinny}) == ("skinny", 0)  # nothing wins: stock
-    # equal ranges: the faster kernel over that range
+    assert matmul.pick_route(best) == ("stream", 32, 2)
+    assert matmul.pick_route(best, kernel="skinny") == ("skinny", 0, 2)
+    assert matmul.pick_route({"stock": stock, "skinny": skinny}) == matmul.STOCK  # nothing wins: stock
+    # equal ranges: the faster kernel over that range (and at one row, the faster one takes it)
     faster = {n: 0.9 * t for n, t in stream.items()}
-    assert matmul.pick_route({"stock": stock, "skinny": stream, "stream": faster}) == ("stream", 32)
-    assert matmul.pick_route({"stock": stock, "skinny": faster, "stream": stream}) == ("skinny", 32)
+    assert matmul.pick_route({"stock": stock, "skinny": stream, "stream": faster}) == ("stream", 32, 1)
+    assert matmul.pick_route({"stock": stock, "skinny": faster, "stream": stream}) == ("skinny", 32, 1)
+
+
+def test_pick_route_takes_one_row_only_on_a_clear_win():
+    """A plain decode step is one row: the kernel takes it where stock's matrix-vector kernel is
+    clearly slower (AVX2 EPYC: 10.3 against 5.3 ms for the output head), not on a tie (Xeon)."""
+    stock = {1: 1.5, 2: 2.0, 4: 2.2, 8: 2.6}
+    stream = {1: 1.0, 2: 1.1, 4: 1.2, 8: 1.5}
+    assert matmul.pick_route({"stock": stock, "stream": stream}) == ("stream", 8, 1)
+    tie = {**stream, 1: 0.97 * stock[1]}
+    assert matmul.pick_route({"stock": stock, "stream": tie}) == ("stream", 8, 2)
+    # a kernel that wins only at one row: 1..1
+    slow = {1: 1.0, 2: 3.0, 4: 3.0, 8: 3.0}
+    assert matmul.pick_route({"stock": stock, "stream": slow}) == ("stream", 1, 1)
+    assert matmul.pick_route({"stock": stock, "stream": slow}, kernel="stream") == ("stream", 1, 1)
 
 
 def test_a_failed_build_leaves_the_kernel_off_with_the_reason_logged(tmp_path, monkeypatch, caplog):
@@ -239,16 +262,21 @@ def test_cached_route_sets_stream_timings_aside_when_the_kernel_is_not_available
     )
     path = tmp_path / "route.json"
     monkeypatch.setattr(matmul, "_stream", None)
-    path.write_text(json.dumps({"route": ["stream", 8], "timings": TIMINGS, "stream": "another-build"}))
-    assert matmul.cached_route(_cpu_runner(), path) == ("skinny", 8) and calls == []
+    old = {"route": ["stream", 8], "timings": TIMINGS, "stream": "another-build"}
+    path.write_text(json.dumps(dict(old, format=matmul.ROUTE_FORMAT)))
+    assert matmul.cached_route(_cpu_runner(), path) == ("skinny", 8, 2) and calls == []
     # available now: a file that timed another build of the kernel is measured again
     monkeypatch.setattr(matmul, "_stream", object())
     monkeypatch.setattr(matmul, "stream_key", lambda: "this-build")
-    assert matmul.cached_route(_cpu_runner(), path) == ("stream", 8) and calls == [1]
+    assert matmul.cached_route(_cpu_runner(), path) == ("stream", 8, 2) and calls == [1]
     assert json.loads(path.read_text())["stream"] == "this-build"
-    assert matmul.cached_route(_cpu_runner(), path) == ("stream", 8) and calls == [1]
+    assert matmul.cached_route(_cpu_runner(), path) == ("stream", 8, 2) and calls == [1]
     # a model the kernel cannot run (bf16) reads the same file without it
-    assert matmul.cached_route(_cpu_runner(torch.bfloat16), path) == ("skinny", 8) and calls == [1]
+    assert matmul.cached_route(_cpu_runner(torch.bfloat16), path) == ("skinny", 8, 2) and calls == [1]
+    # a file of the first format never timed the kernels at one row: measured again
+    monkeypatch.setattr(matmul, "stream_key", lambda: "another-build")
+    path.write_text(json.dumps(old))
+    assert matmul.cached_route(_cpu_runner(), path) == ("stream", 8, 2) and calls == [1, 1]
 
 
 def test_matmul_route_respects_the_flags_before_building_anything(tmp_path, monkeypatch):
@@ -257,10 +285,10 @@ def test_matmul_route_respects_the_flags_before_building_anything(tmp_path, monk
 
     monkeypatch.setattr(matmul, "load_stream", lambda *_a: pytest.fail("built the kernel"))
     off = Settings(skinny_rows=0, cache_dir=tmp_path)
-    assert matmul_route(off, _cpu_runner(), "m") == (0, "skinny")
+    assert matmul_route(off, _cpu_runner(), "m") == matmul.STOCK
     with pytest.raises(ValueError, match="float32 models only"):
         matmul_route(Settings(matmul_kernel="stream", dtype="bfloat16", cache_dir=tmp_path), _cpu_runner(), "m")
     forced = Settings(matmul_kernel="skinny", skinny_rows=6, cache_dir=tmp_path)
-    assert matmul_route(forced, _cpu_runner(), "m") == (6, "skinny")
+    assert matmul_route(forced, _cpu_runner(), "m") == ("skinny", 6, 2)
     gpu = SimpleNamespace(device=torch.device("cuda"), model=None)
-    assert matmul_route(Settings(cache_dir=tmp_path), gpu, "m") == (0, "skinny")
+    assert matmul_route(Settings(cache_dir=tmp_path), gpu, "m") == matmul.STOCK
