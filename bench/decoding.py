@@ -12,6 +12,9 @@ noise hits every method alike:
     hf_pld_route  the same, with the CPU few-row matmul route the trieserve engine took (kernel
                 and range, server/matmul.py) switched into HF's model for the run: what the peer
                 gains from that change alone. Not in the default set; ask for it with --methods.
+    hf_greedy_route  HF greedy with that route (one-row forwards included where the route takes
+                them): what HF's own decoding gains from the matmul kernel alone, so the rest of
+                trieserve's ratio is lookahead and the engine. Not in the default set either.
     ts_greedy   trieserve engine, plain greedy (lookahead off)
     ts_cold     trieserve lookahead, the shared output trie empty (only the prompt to copy from)
     ts_warm     trieserve lookahead, the output trie first warmed with the other prompts of the
@@ -69,11 +72,12 @@ from trieserve.server.model import resolve_model_path  # noqa: E402
 from trieserve.server.sequence import Delta, Failure, Finish, GenerationRequest  # noqa: E402
 from trieserve.server.settings import Settings  # noqa: E402
 
-METHODS = ("hf_greedy", "hf_pld", "hf_pld_route", "ts_greedy", "ts_cold", "ts_warm")
+METHODS = ("hf_greedy", "hf_greedy_route", "hf_pld", "hf_pld_route", "ts_greedy", "ts_cold", "ts_warm")
 DEFAULT_METHODS = ("hf_greedy", "hf_pld", "ts_greedy", "ts_cold", "ts_warm")
 TS_METHODS = ("ts_greedy", "ts_cold", "ts_warm")
 LABELS = {
     "hf_greedy": "HF greedy",
+    "hf_greedy_route": "HF greedy, trieserve's matmul route",
     "hf_pld": "HF prompt lookup (10)",
     "hf_pld_route": "HF prompt lookup (10), trieserve's matmul route",
     "ts_greedy": "trieserve greedy",
@@ -263,8 +267,8 @@ def measure(
     gc.collect()
     torch.manual_seed(seed)
     if method.startswith("hf_"):
-        route = ts.runner.route if method == "hf_pld_route" else None
-        tokens, seconds, forwards = hf.generate(ids, pld=method != "hf_greedy", route=route)
+        route = ts.runner.route if method.endswith("_route") else None
+        tokens, seconds, forwards = hf.generate(ids, pld=method.startswith("hf_pld"), route=route)
         return Run(prompt.workload, index, method, len(ids), tokens, seconds, forwards)
     tokens, seconds, stats = ts.generate(ids, lookahead=method != "ts_greedy")
     return Run(
@@ -284,6 +288,7 @@ def warm_up(hf: HFRunner, ts: EngineRunner, ids: list[int]) -> None:
     """One short unmeasured run per method so no method pays first-call costs."""
     hf.generate(ids, pld=False, max_new_tokens=16)
     hf.generate(ids, pld=True, max_new_tokens=16)
+    hf.generate(ids, pld=False, max_new_tokens=16, route=ts.runner.route)
     hf.generate(ids, pld=True, max_new_tokens=16, route=ts.runner.route)
     ts.generate(ids, lookahead=False, max_new_tokens=16)
     ts.generate(ids, lookahead=True, max_new_tokens=16)
@@ -389,7 +394,9 @@ def method_table(runs: list[Run], workload: str | None, methods: list[str]) -> l
 
 
 def summary_table(runs: list[Run], workloads: list[str], methods: list[str]) -> list[str]:
-    shown = [m for m in ("hf_pld", "hf_pld_route", "ts_greedy", "ts_cold", "ts_warm") if m in methods]
+    shown = [
+        m for m in ("hf_greedy_route", "hf_pld", "hf_pld_route", "ts_greedy", "ts_cold", "ts_warm") if m in methods
+    ]
     head = ["workload", "prompts", "tokens (HF greedy)", "HF greedy tok/s"]
     head += [f"{m} vs HF greedy" for m in shown]
     head += [f"{m} vs hf_pld" for m in ("ts_cold", "ts_warm") if m in methods]
