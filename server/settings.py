@@ -43,8 +43,8 @@ class Settings(BaseSettings):
         None,
         ge=0,
         le=64,
-        description="CPU: forwards of 2..N rows take the few-row matmul kernel (--matmul-kernel); "
-        "0 = off; unset = measured at start-up and cached per machine",
+        description="CPU: forwards of 2..N rows take the few-row matmul kernel (--matmul-kernel), one row "
+        "too where the kernel clearly wins there; 0 = off; unset = measured at start-up and cached per machine",
     )
     matmul_kernel: Literal["auto", "skinny", "stream"] = Field(
         "auto",
