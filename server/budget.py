@@ -161,6 +161,8 @@ DEPTH_EDGES = (2, 3, 4, 5, 7, 10)  # depth buckets 1, 2, 3, 4, 5-6, 7-9, 10+
 # against 25 % and 34 % (RAG-QA, code editing; `bench/draft_replay.py --by-match`, counts in
 # docs/benchmarks.md, decoding section)
 MATCH_EDGES = (1, 2, 4)
+BUCKET_TOPS = (*(edge - 1e-9 for edge in PROB_EDGES), 1.0)  # the highest estimate in each bucket
+MATCH_BUCKETS = range(len(MATCH_EDGES) + 1)
 
 
 class NodeCalibration:
@@ -200,12 +202,16 @@ class NodeCalibration:
         """The learned rate of the node's cell. A cell not seen yet: the fallback's rate (which
         backs off in turn) or, without a fallback, the rate of its (depth, estimate) over every
         match length, else the estimate itself."""
-        key = self.cell(prob, depth, matched)
-        if key in self.rates:
-            return self.rates[key]
-        if self.fallback is not None:
-            return self.fallback.rate(prob, depth, matched)
-        return self.coarse.get(key[:2], prob)
+        return self._rate_of(self.cell(prob, depth, matched), prob)
+
+    def _rate_of(self, key: tuple[int, int, int], prob: float) -> float:
+        """`rate` for a cell already found (`prob`: the node's estimate, the last fallback)."""
+        calibration = self
+        while key not in calibration.rates:
+            if calibration.fallback is None:
+                return calibration.coarse.get(key[:2], prob)
+            calibration = calibration.fallback
+        return calibration.rates[key]
 
     def observe(self, prob: float, depth: int, hit: bool, matched: int = 0) -> None:
         key = self.cell(prob, depth, matched)
@@ -265,16 +271,17 @@ class NodeCalibration:
         `Speculator._could_pay`."""
         key = (depths, self.version, self.fallback.version if self.fallback is not None else 0)
         if self._best is None or self._best[0] != key:  # asked every step: computed on change only
-            # each bucket at its top: a cell not learned yet rates a node at its own estimate;
-            # computed once per depth bucket, not per depth
-            probs = (*(edge - 1e-9 for edge in PROB_EDGES), 1.0)
-            matches = (0, *MATCH_EDGES)  # one length in each match bucket
+            # each estimate bucket at its top: a cell not learned yet rates a node at its own
+            # estimate; computed once per depth bucket, not per depth, from the cells' keys
+            # (asked by every sequence of a step, and the rates move every step)
             per_bucket: dict[int, float] = {}
             best = []
             for d in range(1, depths + 1):
                 b = bisect.bisect_right(DEPTH_EDGES, d)
                 if b not in per_bucket:
-                    per_bucket[b] = max(self.rate(p, d, m) for p in probs for m in matches)
+                    per_bucket[b] = max(
+                        self._rate_of((b, p, m), top) for p, top in enumerate(BUCKET_TOPS) for m in MATCH_BUCKETS
+                    )
                 best.append(per_bucket[b])
             self._best = key, best
         return self._best[1]

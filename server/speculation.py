@@ -37,6 +37,13 @@ DISCOUNT_FLOOR = 0.25
 # drafts there are often near break-even; the estimates are optimistic often enough that a
 # break-even bet loses on average (measured: chat at concurrency 8 in docs/benchmarks.md).
 BATCH_MARGIN = 0.1
+# A batched step whose searches found nothing, or whose trees the allocation all dropped, paid for every sequence's search
+# and calibration (about 0.7 ms each on the 2-core EPYC: 6 ms of a 68 ms 8-sequence chat step) for
+# nothing. The next steps of that batch size then skip drafting, searching only to calibrate, for
+# a wait that starts here and doubles while such steps repeat (up to FUTILE_MAX_WAIT); a step that
+# keeps a draft resets it.
+FUTILE_WAIT = 2
+FUTILE_MAX_WAIT = 32
 
 
 @dataclass
@@ -77,6 +84,8 @@ class Speculator:
         # accepted and estimated draft tokens of verified trees (exponential averages): how far
         # the rates overrate the nodes the budget picks, since it picks the ones rated highest
         self.realism = [1.0, 1.0]
+        # batch size -> [steps held back since the last futile plan, steps to hold back]
+        self.futile: dict[int, list[int]] = {}
 
     # -- lifecycle of a sequence ---------------------------------------------------------------
     def admit(self, seq) -> None:
@@ -123,7 +132,10 @@ class Speculator:
         # the node calibration already prices misses (measured on a lone RAG request:
         # docs/benchmarks.md, decoding section)
         batched = len(seqs) > 1
-        if self.adaptive and not (self._could_pay(seqs, extra_rows) and (not batched or self.payoff.allows(len(seqs)))):
+        if self.adaptive and not (
+            self._could_pay(seqs, extra_rows)
+            and (not batched or (self.payoff.allows(len(seqs)) and self._not_futile(len(seqs))))
+        ):
             for seq in seqs:
                 if seq.lookahead:
                     state: LookaheadState = seq.state["lookahead"]
@@ -132,7 +144,11 @@ class Speculator:
                         self.draft_for(seq)  # which also streams the new output into the store
             return [DraftTree.empty() for _ in seqs]
         trees = [self.draft_for(seq) if seq.lookahead else DraftTree.empty() for seq in seqs]
-        if not self.adaptive or not any(len(t) for t in trees):
+        if not self.adaptive:
+            return trees
+        if not any(len(t) for t in trees):  # every search came back empty
+            if batched:
+                self._planned(len(seqs), False)
             return trees
         trees = [
             seq.state["lookahead"].calibration.calibrated(t) if len(t) else t
@@ -147,10 +163,28 @@ class Speculator:
         marginals = [[m * discount for m in marginal_gains(c)] for c in curves]
         cost = self.cost.for_batch(len(seqs), len(seqs) + extra_rows)
         keep = allocate(marginals, cost, self.decoding_length, extra_rows, _margin(seqs))
+        if batched:
+            self._planned(len(seqs), any(keep))
         for seq, curve, k in zip(seqs, curves, keep, strict=True):
             if seq.lookahead:
                 seq.state["lookahead"].estimate = curve[k]
         return [tree.top(k) for tree, k in zip(trees, keep, strict=True)]
+
+    def _not_futile(self, seqs: int) -> bool:
+        """False while a batch of this size holds back after a plan that kept no draft."""
+        held = self.futile.get(seqs)
+        if held is None or held[0] >= held[1]:
+            return True
+        held[0] += 1
+        return False
+
+    def _planned(self, seqs: int, kept: bool) -> None:
+        """A batched plan drafted every sequence's tree; `kept`: the allocation kept a node."""
+        if kept:
+            self.futile.pop(seqs, None)
+            return
+        held = self.futile.get(seqs)
+        self.futile[seqs] = [0, FUTILE_WAIT if held is None else min(2 * held[1], FUTILE_MAX_WAIT)]
 
     def _could_pay(self, seqs: list, extra_rows: int = 0) -> bool:
         """A quick bound on what drafting can gain this step: every sequence's tree as good as

@@ -390,3 +390,53 @@ def test_plan_prices_a_batch_s_draft_rows_with_its_learned_penalty():
         spec.observe(10, 1.3 * 40, seqs=2, drafted=True)  # drafting steps 40x their ladder price
     assert cost.draft_penalty(2) > 30
     assert not spec._could_pay(batch)
+
+
+def test_a_batch_whose_trees_were_all_dropped_holds_back_its_searches():
+    """Eight sequences that could pay by the quick bound (well-rated cells) but whose real trees
+    the allocation drops: the next steps of that batch size skip the eight searches, for a wait
+    that doubles while the plans stay futile; a plan that keeps a draft resets it."""
+    from types import SimpleNamespace
+
+    from trieserve.decoding.draft import DraftConfig
+    from trieserve.decoding.trie import OutputStore
+    from trieserve.server.speculation import FUTILE_WAIT, Speculator
+
+    config = DraftConfig()
+    cost = StepCost([1, 2, 4, 8, 16, 32, 64], [1.0, 1.05, 1.2, 1.5, 2.1, 2.5, 4.0])
+    spec = Speculator(OutputStore(capacity=1000, ngram_len=config.ngram_len), config, 16, cost)
+    prompt = list(range(100, 140))  # no repeats: nothing to copy, every search finds nothing
+
+    def sequence():
+        seq = SimpleNamespace(prompt_ids=prompt, output_ids=[7, 8, 9], state={}, lookahead=True,
+                              request=SimpleNamespace(max_tokens=64), max_context=2048, logical_len=43, evict_at=None)  # fmt: skip
+        spec.admit(seq)
+        cal = seq.state["lookahead"].calibration
+        for depth in range(1, config.branch_length + 1):  # every cell lands: the quick bound passes
+            for p in (0.0, 0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0):
+                for matched in (0, 1, 2, 4):
+                    cal.rates[cal.cell(p, depth, matched)] = 1.0
+        cal.version += 1
+        return seq
+
+    searched, planned = [], []
+    spec.draft_for = lambda seq, orig=spec.draft_for: searched.append(seq) or orig(seq)
+    spec._planned = lambda n, kept, orig=spec._planned: planned.append(n) or orig(n, kept)
+    batch = [sequence() for _ in range(8)]
+    full = []  # per step: a full plan (every sequence searched for a tree to verify)?
+    for _ in range(12):
+        searched.clear()
+        planned.clear()
+        assert [len(t) for t in spec.plan(None, batch)] == [0] * 8
+        full.append(planned == [8])
+        assert len(searched) in (0, 8)  # held back: only the calibrating searches, every OBSERVE_EVERY steps
+    # futile at 0, then held back FUTILE_WAIT steps, futile again, held back twice as long, ...
+    assert [i for i, f in enumerate(full) if f] == [0, 1 + FUTILE_WAIT, 2 + 3 * FUTILE_WAIT]
+    assert spec.futile[8] == [3, 4 * FUTILE_WAIT]  # three steps into its third wait
+    # another batch size keeps its own record
+    planned.clear()
+    spec.plan(None, batch[:4])
+    assert planned == [4]
+    # a plan that keeps a draft resets the wait
+    spec._planned(8, True)
+    assert 8 not in spec.futile
