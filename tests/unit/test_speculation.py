@@ -440,3 +440,19 @@ def test_a_batch_whose_trees_were_all_dropped_holds_back_its_searches():
     # a plan that keeps a draft resets the wait
     spec._planned(8, True)
     assert 8 not in spec.futile
+
+
+def test_drafts_beside_a_big_prefill_chunk_pay_for_their_own_seconds():
+    """Eight sequences and a 300-row prompt chunk in one step, on a CPU curve that grows a row's
+    cost linearly past the ladder: measured against the chunk-laden step's 8 tokens, 45 modest
+    nodes would look like a win; priced at the plain decode rate they are not. On a flat (GPU)
+    curve the same nodes ride for free and are kept."""
+    cpu = StepCost([1, 2, 4, 8, 16, 32, 64], [30.0, 32.0, 35.0, 48.0, 77.0, 147.0, 269.0])
+    modest = [[0.5, 0.3, 0.2, 0.1, 0.1, 0.05]] * 8  # 1.25 tokens per sequence from 6 nodes
+    plain = 8 / cpu(8)
+    chunk_laden = (8 + 10.0) / cpu(8 + 300 + 48)  # all 48 nodes: better than the laden plain step
+    assert chunk_laden > 8 / cpu(8 + 300)
+    assert sum(allocate(modest, cpu, extra_rows=300)) == 0
+    assert 10.0 / (cpu(8 + 300 + 48) - cpu(8 + 300)) < plain  # what the rule checks, by hand
+    flat = StepCost([1, 64, 512], [1.0, 1.0, 1.05])
+    assert sum(allocate(modest, flat, extra_rows=300)) == 48
