@@ -138,10 +138,15 @@ class StepCost:
         """Cost by rows for a step of `seqs` decoding sequences whose rows without a draft are
         `base_rows`: the ladder, with draft rows priced at the batch's learned penalty. (A step
         that also carries prefill chunks borrows the decode-only figures for its batch size: such
-        steps are not observed, a chunk's rows would blur what the decode rows cost.)"""
+        steps are not observed, a chunk's rows would blur what the decode rows cost; there the
+        penalty scales only what the draft rows add, not the chunk's own seconds.)"""
         penalty = self.draft_penalty(seqs)
         if penalty == 1.0:
             return self
+        if base_rows > seqs:  # prefill rows ride along: the penalty is the draft rows' own, not the chunk's
+            return lambda rows: (
+                self(rows) if rows <= base_rows else self(base_rows) + penalty * (self(rows) - self(base_rows))
+            )
         return lambda rows: self(rows) * (penalty if rows > base_rows else 1.0)
 
 

@@ -155,7 +155,7 @@ def build_speculator(settings: Settings, runner: ModelRunner, model_tag: str) ->
 def _hardware_key(settings: Settings, runner: ModelRunner, model_tag: str, route: bool = True) -> str:
     """What a forward's cost depends on: the model, its dtype, the device, how many threads
     run it, which forward runs it (lean or transformers) and (`route`) the CPU matmul route
-    (`skinny_rows`). Each combination gets its own measured ladder; the route choice itself is
+    (kernel, `skinny_min_rows`..`skinny_rows`) and the decode kernels. Each combination gets its own measured ladder; the route choice itself is
     keyed without the route."""
     import torch
 

@@ -5,7 +5,7 @@ for a draft tree or a small batch. On CPU, PyTorch's `F.linear` sends one row to
 kernel that streams the weights at memory bandwidth, but hands 4-32 rows to a general matrix
 multiply that costs 1.5-2.5 one-row steps (MKL; `bench/matmul.py`): the tree a lookahead step
 verifies, or a batch of sequences, then costs nearly two plain steps. Two other kernels exist
-for 2..`max_rows` rows:
+for 2..`max_rows` rows (and one row, where the measurement below finds the kernel faster):
 
 - `skinny`: the same product as `weight @ x.T` (the weights as the tall operand). On an AMD EPYC
   it costs 1.0-1.25 plain steps up to 8 rows; on an Intel Xeon with AMX, about two.
@@ -310,7 +310,7 @@ def cached_route(runner, path: Path, kernel: str | None = None) -> Route:
     now (several seconds) and written there. The file records which build of the stream kernel
     was timed: it is measured again when that kernel is available now and was not timed, or
     was timed in another build; when it is not available (not built, or a non-fp32 model) its
-    timings are set aside. Non-CPU models: ("skinny", 0), nothing measured."""
+    timings are set aside. Non-CPU models: `STOCK`, nothing measured."""
     if runner.device.type != "cpu":
         return STOCK
     available = stream_available(runner)

@@ -84,8 +84,9 @@ class Speculator:
         # accepted and estimated draft tokens of verified trees (exponential averages): how far
         # the rates overrate the nodes the budget picks, since it picks the ones rated highest
         self.realism = [1.0, 1.0]
-        # batch size -> [steps held back since the last futile plan, steps to hold back]
-        self.futile: dict[int, list[int]] = {}
+        # batch size -> (the plan count until which it holds back, the wait that set it)
+        self.futile: dict[int, tuple[int, int]] = {}
+        self.plans = 0  # plans so far: the clock of the holds
 
     # -- lifecycle of a sequence ---------------------------------------------------------------
     def admit(self, seq) -> None:
@@ -132,6 +133,7 @@ class Speculator:
         # the node calibration already prices misses (measured on a lone RAG request:
         # docs/benchmarks.md, decoding section)
         batched = len(seqs) > 1
+        self.plans += 1
         if self.adaptive and not (
             self._could_pay(seqs, extra_rows)
             and (not batched or (self.payoff.allows(len(seqs)) and self._not_futile(len(seqs))))
@@ -147,7 +149,7 @@ class Speculator:
         if not self.adaptive:
             return trees
         if not any(len(t) for t in trees):  # every search came back empty
-            if batched:
+            if batched and not extra_rows:
                 self._planned(len(seqs), False)
             return trees
         trees = [
@@ -163,7 +165,7 @@ class Speculator:
         marginals = [[m * discount for m in marginal_gains(c)] for c in curves]
         cost = self.cost.for_batch(len(seqs), len(seqs) + extra_rows)
         keep = allocate(marginals, cost, self.decoding_length, extra_rows, _margin(seqs))
-        if batched:
+        if batched and (any(keep) or not extra_rows):  # a chunk-laden step drops drafts by its own rule
             self._planned(len(seqs), any(keep))
         for seq, curve, k in zip(seqs, curves, keep, strict=True):
             if seq.lookahead:
@@ -171,20 +173,22 @@ class Speculator:
         return [tree.top(k) for tree, k in zip(trees, keep, strict=True)]
 
     def _not_futile(self, seqs: int) -> bool:
-        """False while a batch of this size holds back after a plan that kept no draft."""
+        """False while a batch of this size holds back after a plan that kept no draft (the
+        hold counts plans of any size: a batch that changed size meanwhile is another batch)."""
         held = self.futile.get(seqs)
-        if held is None or held[0] >= held[1]:
-            return True
-        held[0] += 1
-        return False
+        return held is None or self.plans > held[0]
 
     def _planned(self, seqs: int, kept: bool) -> None:
-        """A batched plan drafted every sequence's tree; `kept`: the allocation kept a node."""
+        """A batched plan drafted every sequence's tree; `kept`: the allocation kept a node. A
+        futile plan holds this batch size back for the next `wait` plans, twice the last wait
+        when that one ended within FUTILE_MAX_WAIT plans (up to FUTILE_MAX_WAIT), else FUTILE_WAIT."""
         if kept:
             self.futile.pop(seqs, None)
             return
         held = self.futile.get(seqs)
-        self.futile[seqs] = [0, FUTILE_WAIT if held is None else min(2 * held[1], FUTILE_MAX_WAIT)]
+        recent = held is not None and self.plans - held[0] <= FUTILE_MAX_WAIT
+        wait = min(2 * held[1], FUTILE_MAX_WAIT) if recent else FUTILE_WAIT
+        self.futile[seqs] = (self.plans + wait, wait)
 
     def _could_pay(self, seqs: list, extra_rows: int = 0) -> bool:
         """A quick bound on what drafting can gain this step: every sequence's tree as good as

@@ -400,7 +400,7 @@ def test_a_batch_whose_trees_were_all_dropped_holds_back_its_searches():
 
     from trieserve.decoding.draft import DraftConfig
     from trieserve.decoding.trie import OutputStore
-    from trieserve.server.speculation import FUTILE_WAIT, Speculator
+    from trieserve.server.speculation import FUTILE_MAX_WAIT, FUTILE_WAIT, Speculator
 
     config = DraftConfig()
     cost = StepCost([1, 2, 4, 8, 16, 32, 64], [1.0, 1.05, 1.2, 1.5, 2.1, 2.5, 4.0])
@@ -432,13 +432,22 @@ def test_a_batch_whose_trees_were_all_dropped_holds_back_its_searches():
         assert len(searched) in (0, 8)  # held back: only the calibrating searches, every OBSERVE_EVERY steps
     # futile at 0, then held back FUTILE_WAIT steps, futile again, held back twice as long, ...
     assert [i for i, f in enumerate(full) if f] == [0, 1 + FUTILE_WAIT, 2 + 3 * FUTILE_WAIT]
-    assert spec.futile[8] == [3, 4 * FUTILE_WAIT]  # three steps into its third wait
+    assert spec.futile[8] == (9 + 4 * FUTILE_WAIT, 4 * FUTILE_WAIT)  # set by plan 9 (step 8), its third wait
     # another batch size keeps its own record
     planned.clear()
     spec.plan(None, batch[:4])
     assert planned == [4]
     # a plan that keeps a draft resets the wait
     spec._planned(8, True)
+    assert 8 not in spec.futile
+    # a futile plan long after the last hold ended starts again at the short wait
+    spec._planned(8, False)
+    spec.plans += FUTILE_WAIT + FUTILE_MAX_WAIT + 1
+    spec._planned(8, False)
+    assert spec.futile[8][1] == FUTILE_WAIT
+    # a step carrying a prefill chunk drops drafts by its own rule: no hold is learned from it
+    spec.futile.clear()
+    spec.plan(None, batch, extra_rows=300)
     assert 8 not in spec.futile
 
 
@@ -456,3 +465,14 @@ def test_drafts_beside_a_big_prefill_chunk_pay_for_their_own_seconds():
     assert 10.0 / (cpu(8 + 300 + 48) - cpu(8 + 300)) < plain  # what the rule checks, by hand
     flat = StepCost([1, 64, 512], [1.0, 1.0, 1.05])
     assert sum(allocate(modest, flat, extra_rows=300)) == 48
+
+
+def test_the_batch_draft_penalty_scales_the_draft_rows_not_a_prefill_chunk():
+    cost = StepCost([1, 8, 16, 64, 512], [30.0, 48.0, 77.0, 269.0, 2150.0])
+    cost.batched[8] = [1.0, 1.2]  # drafting forwards of 8 sequences ran 1.2x their ladder cost
+    assert cost.draft_penalty(8) == pytest.approx(1.2)
+    plain = cost.for_batch(8, 8)
+    assert plain(8) == cost(8) and plain(12) == pytest.approx(1.2 * cost(12))  # the whole step, as learned
+    laden = cost.for_batch(8, 308)
+    assert laden(308) == cost(308)
+    assert laden(320) - laden(308) == pytest.approx(1.2 * (cost(320) - cost(308)))  # not 0.2 x the chunk
