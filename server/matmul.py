@@ -23,7 +23,7 @@ of several rounds) and `pick_route` takes, for each kernel, the largest N where 
 chosen kernel takes one-row forwards too (a plain decode step) when it beats stock there clearly.
 On the Xeon, MKL's matrix-vector kernel is as fast as streaming gets; on a 2-core AMD EPYC
 (AVX2) `F.linear` of one row reads the weights at half the stream kernel's speed (the 49152-row
-output head: 10.3 against 5.3 ms). The server does this once per machine at start-up and caches
+output head: 10.3 against 5.3 ms, timed alone). The server does this once per machine at start-up and caches
 the answer (`cached_route`); `--skinny-rows N` and `--matmul-kernel` force either part (with
 both forced, one row stays on `F.linear`).
 

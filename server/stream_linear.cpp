@@ -193,21 +193,24 @@ torch::Tensor stream_linear(const torch::Tensor& x, const torch::Tensor& weight,
 constexpr int64_t KB = 256;    // keys per work item
 constexpr int kMaxGroup = 16;  // query heads per KV head handled
 
+// e^x for x <= 0 as 2^n 2^f (n = round(x log2 e), |f| <= 0.5), 2^f by a degree-6 polynomial:
+// relative error below 4e-6 (enough for softmax weights); x below -87 gives ~1.6e-38, and a NaN
+// stays NaN (max_ps returns its second operand when either is NaN). One set of constants for the
+// AVX-512 and AVX2 forms below.
+constexpr float kExpFloor = -87.0f;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kExp2Poly[] = {1.5403530393381606e-4f, 1.3333558146428443e-3f, 9.6181291076284772e-3f,
+                               5.5504108664821580e-2f, 2.4022650695910071e-1f, 6.9314718055994531e-1f,
+                               1.0f};  // highest power first (Horner)
+
 #if defined(__AVX512F__)
-// e^x for x <= 0, relative error below 4e-6 (enough for softmax weights); x below -87 gives
-// ~1.6e-38, and a NaN stays NaN (max_ps returns its second operand when either is NaN)
 inline __m512 exp_neg(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
-  __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  x = _mm512_max_ps(_mm512_set1_ps(kExpFloor), x);
+  __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(kLog2e));
   __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_sub_ps(t, n);  // 2^t = 2^n 2^f, |f| <= 0.5
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[i]));
   __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
@@ -221,20 +224,14 @@ inline void exp_shifted(float* v, int64_t n, float shift) {  // v[i] = e^(v[i] -
   }
 }
 #elif defined(__AVX2__) && defined(__FMA__)
-// the same polynomial on 8 lanes (AVX2 machines: std::exp per score cost about as much as the
-// rest of the block); max_ps also returns its second operand when either is NaN
+// the same on 8 lanes (on AVX2 machines std::exp per score cost about as much as the rest of a block)
 inline __m256 exp_neg(__m256 x) {
-  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
-  __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  x = _mm256_max_ps(_mm256_set1_ps(kExpFloor), x);
+  __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(kLog2e));
   __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 f = _mm256_sub_ps(t, n);
-  __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  __m256 p = _mm256_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[i]));
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
