@@ -1,6 +1,7 @@
 """What a batched decode step costs against a one-sequence step on this machine.
 
     python bench/batch_step.py [--prefix 170] [--repeats 6] [--forwards lean,transformers] [--attention sdpa,kernel]
+    python bench/batch_step.py --prefix 340 --batch-sizes 1,8 --tree-rows 4 --tree-seqs 4 --attention sdpa,kernel
 
 Each of B sequences holds a prefilled cache of `prefix` tokens; one `step_batch` forward adds
 one row per sequence. Also prints what the prefill of `prefix` tokens costs (one sequence). Prints the fastest of `repeats` runs per batch size, and the ratio to
@@ -8,7 +9,10 @@ B = 1: below B means batching raises decode throughput (B / ratio = the throughp
 With several `--forwards`, each batch size is timed on each forward (lean: server/lean.py;
 transformers: the model's own forward) over the same model, alternating run by run; likewise
 with several `--attention` choices for the one-row parts (sdpa: one SDPA call per sequence and
-layer; kernel: the C++ decode-attention kernel and KV append, all sequences in one call per layer).
+layer; kernel: the C++ attention kernel and KV append, all sequences in one call per layer). With
+`--tree-rows T`, the first `--tree-seqs` sequences of each step (all by default) carry a draft
+tree of T rows (the last token and a chain of T - 1 nodes) instead of one row, as a lookahead step
+does: what verifying drafts costs in a batch.
 """
 
 from __future__ import annotations
@@ -24,6 +28,12 @@ from trieserve.server.runner import ModelRunner
 from trieserve.server.settings import Settings
 
 
+def step_rows(t: int, position: int) -> StepRows:
+    """One sequence's part of a step: the last token, and a chain of t - 1 draft nodes after it."""
+    mask = torch.ones(t, t, dtype=torch.bool).tril_() if t > 1 else None
+    return StepRows(torch.full((t,), 5), torch.arange(position, position + t), mask)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prefix", type=int, default=170)
@@ -31,7 +41,9 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,2,4,8")
     ap.add_argument("--profile", action="store_true", help="torch-profile the largest batch's steps: top ops")
     ap.add_argument("--forwards", default="lean", help="comma-separated: lean, transformers")
-    ap.add_argument("--attention", default="kernel", help="comma-separated: sdpa, kernel (decode rows)")
+    ap.add_argument("--attention", default="kernel", help="comma-separated: sdpa, kernel (decode rows and trees)")
+    ap.add_argument("--tree-rows", type=int, default=1, help="rows of each drafting sequence's part (1: no draft)")
+    ap.add_argument("--tree-seqs", type=int, default=None, help="sequences per step that draft (default: all)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     settings = Settings()
@@ -47,11 +59,7 @@ def main() -> None:
             name = forward if "," not in args.attention else f"{forward}/{attention}"
             runners[name] = ModelRunner(model, prefill_chunk=512, skinny_rows=0, lean=forward == "lean")
             kernels = decode_kernels(settings.model_copy(update={"decode_attention": attention}), runners[name])
-            if kernels is not None:
-                runners[name].decode_attention, runners[name].append_rows = (
-                    kernels.decode_attention,
-                    kernels.append_rows,
-                )
+            runners[name].use_kernels(kernels)
     runner = next(iter(runners.values()))
     route = matmul_route(settings, runner, path.name)  # the server's matmul route
     for r in runners.values():
@@ -77,18 +85,22 @@ def main() -> None:
                 r.prefill(cache, prompt)
                 caches[name].append(cache)
         best = dict.fromkeys(runners, float("inf"))
+        drafting = b if args.tree_seqs is None else min(args.tree_seqs, b)
         for i in range(args.repeats + 1):  # the first run warms up and is not counted
             for name, r in runners.items():
-                rows = [StepRows(torch.tensor([5]), torch.tensor([args.prefix + i]), None) for _ in range(b)]
+                rows = [step_rows(args.tree_rows if s < drafting else 1, args.prefix + i) for s in range(b)]
                 start = time.perf_counter()
                 r.step_batch(caches[name], rows)
                 if i:
                     best[name] = min(best[name], time.perf_counter() - start)
+                for cache, part in zip(caches[name], rows, strict=True):  # keep the root row only
+                    cache.keep_path(part.input_ids.numel(), [0])
         for name in runners:
             base.setdefault(name, best[name])
             ratio = best[name] / base[name]
             print(
                 f"{name} B={b}: {best[name] * 1e3:.1f} ms per step, {ratio:.2f}x B=1, throughput {b / ratio:.2f}x B=1"
+                + (f" ({drafting} with {args.tree_rows}-row trees)" if args.tree_rows > 1 else "")
             )
         cache_list = caches[next(iter(runners))]
     if args.profile:

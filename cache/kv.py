@@ -85,10 +85,10 @@ class GrowableLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
-    def room_for_one(self) -> bool:
-        """Whether one more row can be written straight into the buffers (`buffers`, then
-        `advance`): initialised, not full, and no padding bookkeeping to keep."""
-        return self.is_initialized and self._valid is None and self.length < self.capacity
+    def room_for(self, rows: int) -> bool:
+        """Whether `rows` more rows can be written straight into the buffers (`buffers`, then
+        `advance`): initialised, with the room, and no padding bookkeeping to keep."""
+        return self.is_initialized and self._valid is None and self.length + rows <= self.capacity
 
     def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole key and value buffers [B, H, capacity, D] (rows past `length` are free)."""

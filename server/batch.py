@@ -9,10 +9,10 @@ own KV cache: `BatchCache.update` appends each sequence's slice of the new keys/
 own `KVCache` and returns per-sequence key/value lists, which the registered attention function
 consumes slice by slice. No cache is ever copied into a batch tensor, caches of different
 lengths (and different per-layer lengths after eviction) need nothing special, and a sequence
-leaves the batch by simply not being in the next step. On the CPU in fp32 the one-row parts
-(plain decode steps) of a step go to one call per layer of a C++ decode-attention kernel
-(`decode_attention` in server/stream_linear.cpp) that reads each cache where it lies; trees,
-prefill chunks and caches with padding rows stay on SDPA per sequence.
+leaves the batch by simply not being in the next step. On the CPU in fp32 the decode rows and
+lookahead trees of a step go to one call per layer of a C++ attention kernel (`tree_attention`
+in server/stream_linear.cpp) that reads each cache where it lies, and every part's new rows to
+one append call; prefill chunks and caches with padding rows stay on SDPA per sequence.
 """
 
 from __future__ import annotations
@@ -44,22 +44,22 @@ class BatchCache(Cache):
         self.caches = caches
         self.rows = rows
         self.offsets = offsets
-        # the one-row parts (plain decode steps) append through `append_rows` (the C++ kernel in
+        # parts whose buffers have room append through `append_rows` (the C++ kernel in
         # server/stream_linear.cpp): one call per layer instead of a few ops per sequence
         self.append_rows = append_rows
-        self.single = [b for b, t in enumerate(rows) if t == 1] if append_rows is not None else []
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         """key/value_states [1, H, N, D] → per-sequence lists of all their cached rows."""
         layers = [cache.layers[layer_idx] for cache in self.caches]
-        fast = [b for b in self.single if layers[b].room_for_one()]
+        fast = [] if self.append_rows is None else [b for b, t in enumerate(self.rows) if layers[b].room_for(t)]
         if fast:
             bufs = [layers[b].buffers() for b in fast]
             at = [layers[b].length for b in fast]
-            rows = [self.offsets[b] for b in fast]
-            self.append_rows(key_states, value_states, [k for k, _ in bufs], [v for _, v in bufs], at, rows)
+            starts = [self.offsets[b] for b in fast]
+            counts = [self.rows[b] for b in fast]
+            self.append_rows(key_states, value_states, [k for k, _ in bufs], [v for _, v in bufs], at, starts, counts)
             for b in fast:
-                layers[b].advance(1)
+                layers[b].advance(self.rows[b])
         done = set(fast)
         keys, values = [], []
         for b, (layer, lo, t) in enumerate(zip(layers, self.offsets, self.rows, strict=True)):
@@ -77,6 +77,46 @@ class BatchCache(Cache):
 
     def __len__(self) -> int:
         return len(self.caches[0].layers) if self.caches else 0
+
+
+# trees of at most this many rows take the attention kernel: up to 64 rows it measured as fast as
+# SDPA or faster (server/stream_linear.cpp), and it needs no mask built per layer
+MAX_TREE_ROWS = 128
+
+
+@dataclass
+class TreeLayout:
+    """Which rows of a step the attention kernel takes and what each sees (`tree_attention` in
+    server/stream_linear.cpp): `parts` (indices into the step's parts), per kernel row its part's
+    position in `parts` (`row_part`, int64) and which of its part's new rows it sees
+    (`visible`, bool [rows, max part rows]: the tree mask; causal without one), and where the
+    rows sit in the flattened step (`index`; None: every row of the step, in order)."""
+
+    parts: list[int]
+    row_part: torch.Tensor
+    visible: torch.Tensor
+    index: torch.Tensor | None
+
+    @classmethod
+    def of(cls, rows: list[int], offsets: list[int], masks: list, parts: list[int]) -> TreeLayout | None:
+        """The layout of `parts` (each of at most MAX_TREE_ROWS rows; masks[b]: bool [T, T] or
+        None), or None when there are none."""
+        if not parts:
+            return None
+        counts = [rows[b] for b in parts]
+        visible = torch.zeros(sum(counts), max(counts), dtype=torch.bool)
+        at = 0
+        for b, t in zip(parts, counts, strict=True):
+            if masks[b] is None:
+                visible[at : at + t, :t] = torch.ones(t, t, dtype=torch.bool).tril_()
+            else:
+                visible[at : at + t, :t] = masks[b].cpu()
+            at += t
+        row_part = torch.repeat_interleave(torch.arange(len(parts)), torch.tensor(counts))
+        index = None
+        if len(parts) < len(rows):
+            index = torch.cat([torch.arange(offsets[b], offsets[b] + rows[b]) for b in parts])
+        return cls(parts, row_part, visible, index)
 
 
 def row_offsets(rows: list[int]) -> list[int]:

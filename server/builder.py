@@ -59,8 +59,7 @@ def _build(settings: Settings, metrics=None):
     runner = ModelRunner(model, prefill_chunk=settings.prefill_chunk, skinny_rows=0, lean=settings.lean_forward)
     runner.set_route(matmul_route(settings, runner, path.name))
     kernels = decode_kernels(settings, runner)
-    if kernels is not None:
-        runner.decode_attention, runner.append_rows = kernels.decode_attention, kernels.append_rows
+    runner.use_kernels(kernels)
     config = EngineConfig(
         max_queue=settings.max_queue,
         max_num_seqs=settings.max_num_seqs,
@@ -102,8 +101,8 @@ MAX_HEAD_GROUP = 16  # query heads per KV head the decode kernel takes (kMaxGrou
 
 
 def decode_kernels(settings: Settings, runner: ModelRunner):
-    """The built C++ kernels (server/stream_linear.cpp) whose `decode_attention` and
-    `append_rows` take the one-row parts of batched steps, or None (SDPA and tensor ops):
+    """The built C++ kernels (server/stream_linear.cpp) whose `tree_attention` and
+    `append_rows` take the decode rows and lookahead trees of steps, or None (SDPA and tensor ops):
     `--decode-attention auto` takes them where they can run (a CPU model in float32 with at
     most 16 query heads per KV head, a C++ compiler to build them), `kernel` insists, `sdpa`
     never."""
@@ -168,8 +167,8 @@ def _hardware_key(settings: Settings, runner: ModelRunner, model_tag: str, route
     key += "|lean" if runner.lean is not None else "|transformers"
     if route:
         key += f"|{runner.matmul_kernel}{runner.skinny_min_rows}-{runner.skinny_rows}"
-        if runner.decode_attention is not None:
-            key += "|decode-attention"
-        if (runner.matmul_kernel == "stream" and runner.skinny_rows) or runner.decode_attention is not None:
+        if runner.step_attention is not None:
+            key += "|step-attention"
+        if (runner.matmul_kernel == "stream" and runner.skinny_rows) or runner.step_attention is not None:
             key += f"|{matmul.stream_key()}"  # another build of the kernels: another ladder
     return hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -33,7 +33,7 @@ from trieserve.kernels.dispatch import use_triton
 from trieserve.kernels.tree_attention import attention_forward as kernel_attention_forward
 from trieserve.kernels.tree_attention import pack_ancestor_mask
 from trieserve.server import matmul
-from trieserve.server.batch import BatchCache, StepRows, flatten_rows, row_offsets
+from trieserve.server.batch import MAX_TREE_ROWS, BatchCache, StepRows, TreeLayout, flatten_rows, row_offsets
 from trieserve.server.lean import LeanLlama, supports
 
 ATTENTION_NAME = "trieserve"
@@ -91,22 +91,29 @@ def _per_sequence_attention(module, query, keys, values, scaling, kwargs):
     [1, Hkv, S_b, D]. Returns [1, N, Hq, D]."""
     rows, offsets, masks = kwargs["batch_rows"], kwargs["batch_offsets"], kwargs["batch_tree_masks"]
     caches = kwargs["batch_caches"]
-    kernel = kwargs.get("decode_attention")
-    # one-row parts (plain decode steps) over caches without padding rows: one kernel call for all
-    single = [] if kernel is None else _single_rows(rows, caches, module.layer_idx)
-    if len(rows) == 1 and not single:
+    kernel, layout = kwargs.get("step_attention"), kwargs.get("batch_tree_layout")
+    if kernel is not None and layout is not None:
+        layer = module.layer_idx
+        parts = [b for b in layout.parts if caches[b].layers[layer].valid_rows() is None]
+        if len(parts) < len(layout.parts):  # per-head budgets' padding rows need a mask: SDPA
+            layout = TreeLayout.of(rows, offsets, masks, parts)
+    else:
+        layout = None
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if layout is not None:
+        q = query[0].transpose(0, 1) if layout.index is None else query[0, :, layout.index].transpose(0, 1)
+        got = kernel(q, [keys[b] for b in layout.parts], [values[b] for b in layout.parts], layout.row_part,
+                     layout.visible, scale)  # fmt: skip
+        if layout.index is None:  # every part: the rows are in order
+            return got.unsqueeze(0), None
+    if len(rows) == 1 and layout is None:
         extra = _mask_kwargs(masks[0], query, caches[0])
         return tree_sdpa_attention(module, query, keys[0], values[0], None, scaling=scaling, **extra)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if len(single) == len(rows):  # a plain decode step for every sequence: rows are in order
-        return kernel(query[0].transpose(0, 1), keys, values, scale).unsqueeze(0), None
     out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
-    if single:
-        at = [offsets[b] for b in single]
-        out[0, at] = kernel(
-            query[0, :, at].transpose(0, 1), [keys[b] for b in single], [values[b] for b in single], scale
-        )
-    done = set(single)
+    done = set()
+    if layout is not None:
+        out[0, layout.index] = got
+        done = set(layout.parts)
     for b, (lo, t, key, value, mask, cache) in enumerate(zip(offsets, rows, keys, values, masks, caches, strict=True)):
         if b in done:
             continue
@@ -114,12 +121,6 @@ def _per_sequence_attention(module, query, keys, values, scaling, kwargs):
         o, _ = tree_sdpa_attention(module, query[:, :, lo : lo + t], key, value, None, scaling=scaling, **extra)
         out[:, lo : lo + t] = o
     return out, None
-
-
-def _single_rows(rows: list[int], caches: list[KVCache], layer: int) -> list[int]:
-    """The parts of a batched step the decode-attention kernel takes: one row, and a cache layer
-    with no padding rows (per-head budgets' padding needs a mask: SDPA)."""
-    return [b for b, t in enumerate(rows) if t == 1 and caches[b].layers[layer].valid_rows() is None]
 
 
 def _mask_kwargs(mask: torch.Tensor | None, query: torch.Tensor, cache: KVCache) -> dict:
@@ -150,9 +151,10 @@ class ModelRunner:
         self.skinny_rows = 0
         self.matmul_kernel = "skinny"
         self.skinny_min_rows = 2  # 1: one-row forwards take the kernel too
-        # attention of one-row decode parts in batched steps (server/stream_linear.cpp); None = SDPA
-        self.decode_attention: Callable | None = None
-        self.append_rows: Callable | None = None  # the same kernels' one-row-per-sequence KV append
+        # attention of decode rows and lookahead trees in steps (`tree_attention` in
+        # server/stream_linear.cpp) and their KV append; None: SDPA and tensor ops (`use_kernels`)
+        self.step_attention: Callable | None = None
+        self.append_rows: Callable | None = None
         self.set_skinny_rows(skinny_rows)
 
     def set_skinny_rows(self, max_rows: int, kernel: str = "skinny", min_rows: int = 2) -> None:
@@ -164,6 +166,12 @@ class ModelRunner:
         else:
             matmul.uninstall(self.model)
             self.skinny_rows, self.matmul_kernel, self.skinny_min_rows = 0, "skinny", 2
+
+    def use_kernels(self, module) -> None:
+        """Take decode rows and trees through the C++ kernels of `module` (matmul.load_stream),
+        or (None) through SDPA and tensor ops."""
+        self.step_attention = None if module is None else module.tree_attention
+        self.append_rows = None if module is None else module.append_rows
 
     def set_route(self, route: matmul.Route) -> None:
         """`set_skinny_rows` from a `matmul.Route`."""
@@ -352,6 +360,11 @@ class ModelRunner:
         masks = [
             None if p.tree_mask is None or p.input_ids.numel() == 1 else p.tree_mask.to(self.device) for p in parts
         ]
+        layout = None
+        if self.step_attention is not None:
+            # decode rows and trees; prefill chunks (causal, many rows) stay on SDPA's flash kernel
+            trees = [b for b, t in enumerate(rows) if t == 1 or (masks[b] is not None and t <= MAX_TREE_ROWS)]
+            layout = TreeLayout.of(rows, offsets, masks, trees)
         hidden = self._hidden(
             ids,
             pos,
@@ -360,7 +373,8 @@ class ModelRunner:
             batch_offsets=offsets,
             batch_tree_masks=masks,
             batch_caches=caches,
-            decode_attention=self.decode_attention,
+            step_attention=self.step_attention,
+            batch_tree_layout=layout,
         )
         picked = []
         for lo, t, p in zip(offsets, rows, parts, strict=True):

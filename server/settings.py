@@ -58,8 +58,8 @@ class Settings(BaseSettings):
     )
     decode_attention: Literal["auto", "kernel", "sdpa"] = Field(
         "auto",
-        description="CPU, fp32: the attention of plain decode rows in a step, all sequences in one call of a C++ "
-        "kernel built with the matmul kernel (auto: where it can be built), or SDPA per sequence",
+        description="CPU, fp32: the attention of decode rows and lookahead trees in a step, all sequences in one "
+        "call of a C++ kernel built with the matmul kernel (auto: where it can be built), or SDPA per sequence",
     )
     shutdown_grace_s: float = Field(10.0, ge=0, description="on shutdown, running requests get this long to finish")
     # lookahead

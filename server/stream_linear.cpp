@@ -36,6 +36,8 @@ struct Vec {
   static T zero() { return _mm512_setzero_ps(); }
   static T load(const float* p) { return _mm512_loadu_ps(p); }
   static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T set1(float x) { return _mm512_set1_ps(x); }
+  static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
   static float sum(T v) { return _mm512_reduce_add_ps(v); }
 };
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -46,6 +48,8 @@ struct Vec {
   static T zero() { return _mm256_setzero_ps(); }
   static T load(const float* p) { return _mm256_loadu_ps(p); }
   static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T set1(float x) { return _mm256_set1_ps(x); }
+  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
   static float sum(T v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -61,6 +65,8 @@ struct Vec {
   static T zero() { return 0.0f; }
   static T load(const float* p) { return *p; }
   static T fma(T a, T b, T c) { return a * b + c; }
+  static T set1(float x) { return x; }
+  static void store(float* p, T v) { *p = v; }
   static float sum(T v) { return v; }
 };
 #endif
@@ -179,15 +185,16 @@ torch::Tensor stream_linear(const torch::Tensor& x, const torch::Tensor& weight,
 }
 
 
-// ---- decode attention ------------------------------------------------------------------------
+// ---- decode and tree attention --------------------------------------------------------------
 //
-// One query row per sequence (a plain decode step) against that sequence's own KV cache, for
-// every such sequence of a batched step in one call. SDPA, called once per sequence and layer,
-// spends more time in dispatch and in its own blocking for a single row than reading the keys
-// and values; here each (sequence, KV head, block of KB keys) is one work item that reads its
-// keys and values once for all the query heads of the group (GQA), in fp32, with a max-subtracted
-// softmax. The blocks are merged in key order afterwards (flash-decoding), so a sequence's
-// result depends only on its own cache: the same in any batch (batch invariant), like the
+// The query rows of a step's decode parts (one row: a plain decode step) and lookahead trees (the
+// last token and its draft nodes), each against its own sequence's KV cache, for every such part
+// of a batched step in one call. SDPA, called once per sequence and layer, spends more time in
+// dispatch, mask building and its own blocking for a few rows than reading the keys and values;
+// here each (part, KV head, block of KB keys) is one work item that reads its keys and values
+// once for all the part's rows and the query heads of the group (GQA), in fp32, with a
+// max-subtracted softmax. The blocks are merged in key order afterwards (flash-decoding), so a
+// row's result depends only on its own cache: the same in any batch (batch invariant), like the
 // matmul above.
 
 constexpr int64_t KB = 256;    // keys per work item
@@ -251,118 +258,216 @@ struct Partial {  // one work item's result for one query head
   float m, l;     // the block's max score and sum of e^(score - m)
 };
 
-// Scores, softmax weights and the weighted sum of values for keys [lo, hi) of one KV head.
-// q: G rows of D (already scaled); k, v: row r at k + r * D; o: G rows of D; parts: G.
-void attend_block(const float* q, int G, int64_t D, const float* k, const float* v, int64_t lo, int64_t hi, float* o,
-                  Partial* parts) {
-  float scores[kMaxGroup][KB];
-  const int64_t n = hi - lo;
-  for (int64_t r = 0; r < n; ++r) {
-    const float* kr = k + (lo + r) * D;
-    for (int h = 0; h < G; ++h) {
-      const float* qh = q + h * D;
-      typename Vec::T acc = Vec::zero();
-      int64_t d = 0;
-      for (; d + Vec::width <= D; d += Vec::width) acc = Vec::fma(Vec::load(qh + d), Vec::load(kr + d), acc);
-      float sc = Vec::sum(acc);
-      for (; d < D; ++d) sc += qh[d] * kr[d];
-      scores[h][r] = sc;
-    }
-  }
-  for (int h = 0; h < G; ++h) {
-    float m = scores[h][0];
-    for (int64_t r = 1; r < n; ++r) m = (scores[h][r] > m || std::isnan(scores[h][r])) ? scores[h][r] : m;  // NaN sticks
-    exp_shifted(scores[h], n, m);
-    float l = 0.0f;
-    for (int64_t r = 0; r < n; ++r) l += scores[h][r];
-    parts[h] = {m, l};
-    std::fill(o + h * D, o + (h + 1) * D, 0.0f);
-  }
-  for (int64_t r = 0; r < n; ++r) {
-    const float* vr = v + (lo + r) * D;
-    int64_t d = 0;
-    for (; d + Vec::width <= D; d += Vec::width) {
-      const typename Vec::T vv = Vec::load(vr + d);
-      for (int h = 0; h < G; ++h) {
-        float* oh = o + h * D + d;
-#if defined(__AVX512F__)
-        _mm512_storeu_ps(oh, _mm512_fmadd_ps(_mm512_set1_ps(scores[h][r]), vv, _mm512_loadu_ps(oh)));
-#elif defined(__AVX2__) && defined(__FMA__)
-        _mm256_storeu_ps(oh, _mm256_fmadd_ps(_mm256_set1_ps(scores[h][r]), vv, _mm256_loadu_ps(oh)));
-#else
-        *oh += scores[h][r] * vv;
+// q . k over D floats: one vector accumulator in order, then the fixed horizontal sum.
+inline float dot(const float* q, const float* k, int64_t D) {
+  typename Vec::T acc = Vec::zero();
+  int64_t d = 0;
+  for (; d + Vec::width <= D; d += Vec::width) acc = Vec::fma(Vec::load(q + d), Vec::load(k + d), acc);
+  float s = Vec::sum(acc);
+  for (; d < D; ++d) s += q[d] * k[d];
+  return s;
+}
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+// The lane sums of eight vectors, in one vector: out[j] = sum of a[j]'s lanes.
+inline __m256 lane_sums(const __m256* a) {
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
 #endif
-      }
+
+// out[j] = q . k[j] for 8 consecutive key rows (row j at k + j * D): eight independent
+// accumulator chains where AVX2 allows (D a multiple of 8), else one dot per key. A key's score
+// depends only on its place in its block, never on the query rows around it.
+inline void dots8(const float* q, const float* k, int64_t D, float* out) {
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+  if (D % 8 == 0) {
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + d);
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + j * D + d), acc[j]);
     }
-    for (; d < D; ++d)
-      for (int h = 0; h < G; ++h) o[h * D + d] += scores[h][r] * vr[d];
+    _mm256_storeu_ps(out, lane_sums(acc));
+    return;
+  }
+#endif
+  for (int j = 0; j < 8; ++j) out[j] = dot(q, k + j * D, D);
+}
+
+// o (+)= sum over n key rows in order of s[r] * v[r] (row r at v + r * D), D floats; `add`:
+// continue the sums already in o (the same chain as one call over all the rows).
+inline void weighted_values(const float* s, const float* v, int64_t n, int64_t D, float* o, bool add) {
+  constexpr int W = Vec::width;
+  int64_t d = 0;
+  for (; d + 4 * W <= D; d += 4 * W) {
+    typename Vec::T a0 = add ? Vec::load(o + d) : Vec::zero(), a1 = add ? Vec::load(o + d + W) : Vec::zero(),
+                    a2 = add ? Vec::load(o + d + 2 * W) : Vec::zero(), a3 = add ? Vec::load(o + d + 3 * W) : Vec::zero();
+    for (int64_t r = 0; r < n; ++r) {
+      const typename Vec::T w = Vec::set1(s[r]);
+      const float* vr = v + r * D + d;
+      a0 = Vec::fma(w, Vec::load(vr), a0);
+      a1 = Vec::fma(w, Vec::load(vr + W), a1);
+      a2 = Vec::fma(w, Vec::load(vr + 2 * W), a2);
+      a3 = Vec::fma(w, Vec::load(vr + 3 * W), a3);
+    }
+    Vec::store(o + d, a0);
+    Vec::store(o + d + W, a1);
+    Vec::store(o + d + 2 * W, a2);
+    Vec::store(o + d + 3 * W, a3);
+  }
+  for (; d + W <= D; d += W) {
+    typename Vec::T a = add ? Vec::load(o + d) : Vec::zero();
+    for (int64_t r = 0; r < n; ++r) a = Vec::fma(Vec::set1(s[r]), Vec::load(v + r * D + d), a);
+    Vec::store(o + d, a);
+  }
+  for (; d < D; ++d) {
+    float a = add ? o[d] : 0.0f;
+    for (int64_t r = 0; r < n; ++r) a += s[r] * v[r * D + d];
+    o[d] = a;
   }
 }
 
-// query [N, Hq, D]; keys[b], values[b]: [1, Hkv, S_b, D] (rows contiguous, any head stride).
-// Returns [N, Hq, D]: softmax(scale * q k^T) v per sequence and query head, query head h reading
-// KV head h / (Hq / Hkv).
-torch::Tensor decode_attention(const torch::Tensor& query, const std::vector<torch::Tensor>& keys,
-                               const std::vector<torch::Tensor>& values, double scale) {
-  TORCH_CHECK(query.device().is_cpu() && query.scalar_type() == torch::kFloat32 && query.dim() == 3,
-              "decode_attention: query must be fp32 [N, Hq, D] on the CPU");
-  const int64_t N = query.size(0), Hq = query.size(1), D = query.size(2);
-  TORCH_CHECK((int64_t)keys.size() == N && (int64_t)values.size() == N, "decode_attention: one cache per query row");
-  TORCH_CHECK(N > 0 && D > 0, "decode_attention: empty query");
-  const int64_t Hkv = keys[0].size(1);
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && Hq / Hkv <= kMaxGroup, "decode_attention: unsupported head grouping");
-  const int G = (int)(Hq / Hkv);
-  std::vector<const float*> kp(N), vp(N);
-  std::vector<int64_t> ks(N), vs(N), len(N), first(N + 1, 0);
-  for (int64_t b = 0; b < N; ++b) {
-    const auto& k = keys[b];
-    const auto& v = values[b];
-    TORCH_CHECK(k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32 && k.dim() == 4 && v.dim() == 4,
-                "decode_attention: keys and values must be fp32 [1, Hkv, S, D]");
-    TORCH_CHECK(k.size(0) == 1 && k.size(1) == Hkv && k.size(3) == D && v.sizes() == k.sizes(),
-                "decode_attention: cache shapes do not match the query");
-    TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == D && v.stride(3) == 1 && v.stride(2) == D,
-                "decode_attention: cache rows must be contiguous");
-    TORCH_CHECK(k.size(2) > 0, "decode_attention: an empty cache");
-    kp[b] = k.data_ptr<float>();
-    vp[b] = v.data_ptr<float>();
-    ks[b] = k.stride(1);
-    vs[b] = v.stride(1);
-    len[b] = k.size(2);
-    first[b + 1] = first[b] + Hkv * ((len[b] + KB - 1) / KB);  // items of sequence b: (head, block)
+// The largest of n scores, and their sum (vector lanes, then the fixed horizontal sum).
+inline float max_of(const float* x, int64_t n) {
+  int64_t r = 0;
+  float m = -INFINITY;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  if (n >= 8) {
+    __m256 mv = _mm256_loadu_ps(x);
+    for (r = 8; r + 8 <= n; r += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(x + r));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    m = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
   }
-  auto q = (query.contiguous() * scale).contiguous();
+#endif
+  for (; r < n; ++r) m = std::max(m, x[r]);
+  return m;
+}
+inline float sum_of(const float* x, int64_t n) {
+  typename Vec::T acc = Vec::zero();
+  int64_t r = 0;
+  for (; r + Vec::width <= n; r += Vec::width) acc = Vec::fma(Vec::set1(1.0f), Vec::load(x + r), acc);
+  float l = Vec::sum(acc);
+  for (; r < n; ++r) l += x[r];
+  return l;
+}
+
+constexpr int64_t KC = 32;  // keys per pass over the query vectors (their values stay in L1)
+
+// Query rows that share one cache: a sequence's part of a step. Cache [1, Hkv, len, D] (rows
+// contiguous, any head stride); every row sees the first `prefix` cache rows, and of the part's
+// new rows (the rest) those `visible` marks (null: all).
+struct Group {
+  const float* k;
+  const float* v;
+  int64_t k_head, v_head;  // head strides
+  int64_t len, prefix;
+  int64_t first, rows;   // its query rows: first .. first + rows - 1
+  const bool* visible;   // [rows, vis_stride]
+  int64_t vis_stride;
+};
+
+// Scores, softmax weights and the weighted sum of values for keys [lo, hi) of one KV head, for
+// the group's rows x the G query heads on that KV head (Q = rows * G query vectors, row-major).
+// q: the group's first query row at this KV head's first query head (row i, head h at
+// q + i * q_row + h * D, already scaled); o: Q rows of D; parts: Q; scores: Q * KB floats.
+void attend_block(const Group& grp, const float* q, int64_t q_row, int G, int64_t D, const float* k, const float* v,
+                  int64_t lo, int64_t hi, float* o, Partial* parts, float* scores) {
+  const int64_t n = hi - lo;
+  const int64_t Q = grp.rows * G;
+  auto qvec = [&](int64_t qi) { return q + (qi / G) * q_row + (qi % G) * D; };
+  // scores, eight keys at a time for every query vector (the eight keys stay in L1)
+  int64_t r0 = 0;
+  for (; r0 + 8 <= n; r0 += 8)
+    for (int64_t qi = 0; qi < Q; ++qi) dots8(qvec(qi), k + (lo + r0) * D, D, scores + qi * KB + r0);
+  for (int64_t qi = 0; qi < Q; ++qi)
+    for (int64_t r = r0; r < n; ++r) scores[qi * KB + r] = dot(qvec(qi), k + (lo + r) * D, D);
+  const bool masked = grp.visible != nullptr && hi > grp.prefix;
+  const int64_t from = std::max(lo, grp.prefix) - lo;  // the block's first new row
+  for (int64_t qi = 0; qi < Q; ++qi) {
+    float* sc = scores + qi * KB;
+    const bool* sees = masked ? grp.visible + (qi / G) * grp.vis_stride + lo - grp.prefix : nullptr;
+    if (masked)
+      for (int64_t r = from; r < n; ++r)
+        if (!sees[r]) sc[r] = -INFINITY;
+    const float m = max_of(sc, n);  // a NaN score need not win: e^(NaN - m) is NaN, and so is l
+    if (m == -INFINITY) {  // the row sees none of these keys
+      parts[qi] = {m, 0.0f};
+      std::fill(sc, sc + n, 0.0f);
+      continue;
+    }
+    exp_shifted(sc, n, m);
+    if (masked)
+      for (int64_t r = from; r < n; ++r)
+        if (!sees[r]) sc[r] = 0.0f;
+    parts[qi] = {m, sum_of(sc, n)};
+  }
+  // the weighted values, KC keys at a time for every query vector
+  for (int64_t c = 0; c < n; c += KC)
+    for (int64_t qi = 0; qi < Q; ++qi)
+      weighted_values(scores + qi * KB + c, v + (lo + c) * D, std::min(KC, n - c), D, o + qi * D, c > 0);
+}
+
+// query [N, Hq, D] (already scaled, contiguous) over the groups (which cover its rows in order);
+// returns [N, Hq, D]. Each (group, KV head, block of KB keys) is one work item that reads its keys
+// and values once for all the group's rows and query heads; blocks are merged in key order
+// afterwards (flash-decoding). A row's result depends only on its own group's cache and its
+// visible rows, never on the other groups: the same in any batch, and a one-row group that sees
+// its whole cache is exactly a decode row.
+torch::Tensor attend_groups(const torch::Tensor& q, const std::vector<Group>& groups, int64_t Hkv) {
+  const int64_t N = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int G = (int)(Hq / Hkv);
+  const int64_t NG = (int64_t)groups.size();
+  std::vector<int64_t> first(NG + 1, 0), row_group(N);
+  std::vector<int64_t> at(1, 0);  // per item: where its Q query vectors' outputs start (in vectors)
+  int64_t most = 1;
+  for (int64_t gi = 0; gi < NG; ++gi) {
+    const Group& g = groups[gi];
+    const int64_t blocks = (g.len + KB - 1) / KB;
+    first[gi + 1] = first[gi] + Hkv * blocks;
+    for (int64_t it = 0; it < Hkv * blocks; ++it) at.push_back(at.back() + g.rows * G);
+    for (int64_t i = 0; i < g.rows; ++i) row_group[g.first + i] = gi;
+    most = std::max(most, g.rows * G);
+  }
   const float* qp = q.data_ptr<float>();
-  const int64_t items = first[N];
-  std::vector<float> o(items * G * D);
-  std::vector<Partial> parts(items * G);
+  const int64_t items = first[NG];
+  std::vector<float> o(at.back() * D);
+  std::vector<Partial> parts(at.back());
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    int64_t b = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
+    std::vector<float> scores(most * KB);
+    int64_t gi = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
     for (int64_t it = begin; it < end; ++it) {
-      while (it >= first[b + 1]) ++b;
-      const int64_t blocks = (len[b] + KB - 1) / KB;
-      const int64_t g = (it - first[b]) / blocks, j = (it - first[b]) % blocks;
-      attend_block(qp + (b * Hq + g * G) * D, G, D, kp[b] + g * ks[b], vp[b] + g * vs[b], j * KB,
-                   std::min(len[b], (j + 1) * KB), o.data() + it * G * D, parts.data() + it * G);
+      while (it >= first[gi + 1]) ++gi;
+      const Group& g = groups[gi];
+      const int64_t blocks = (g.len + KB - 1) / KB;
+      const int64_t h = (it - first[gi]) / blocks, j = (it - first[gi]) % blocks;
+      attend_block(g, qp + (g.first * Hq + h * G) * D, Hq * D, G, D, g.k + h * g.k_head, g.v + h * g.v_head, j * KB,
+                   std::min(g.len, (j + 1) * KB), o.data() + at[it] * D, parts.data() + at[it], scores.data());
     }
   });
-  auto out = torch::empty({N, Hq, D}, query.options());
+  auto out = torch::empty({N, Hq, D}, q.options());
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N * Hkv, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bg = begin; bg < end; ++bg) {
-      const int64_t b = bg / Hkv, g = bg % Hkv;
-      const int64_t blocks = (len[b] + KB - 1) / KB, base = first[b] + g * blocks;
+    for (int64_t nh = begin; nh < end; ++nh) {
+      const int64_t n = nh / Hkv, kh = nh % Hkv;
+      const int64_t gi = row_group[n];
+      const Group& g = groups[gi];
+      const int64_t blocks = (g.len + KB - 1) / KB, base = first[gi] + kh * blocks;
       for (int h = 0; h < G; ++h) {
-        float m = parts[base * G + h].m;
-        for (int64_t j = 1; j < blocks; ++j) m = std::max(m, parts[(base + j) * G + h].m);
-        float* dst = op + (b * Hq + g * G + h) * D;
+        const int64_t qi = (n - g.first) * G + h;
+        float m = parts[at[base] + qi].m;
+        for (int64_t j = 1; j < blocks; ++j) m = std::max(m, parts[at[base + j] + qi].m);
+        float* dst = op + (n * Hq + kh * G + h) * D;
         std::fill(dst, dst + D, 0.0f);
         float l = 0.0f;
         for (int64_t j = 0; j < blocks; ++j) {  // in key order: the same sums in any batch
-          const Partial& p = parts[(base + j) * G + h];
+          const Partial& p = parts[at[base + j] + qi];
+          if (p.l == 0.0f) continue;  // a block the row sees nothing of
           const float w = std::exp(p.m - m);
           l += w * p.l;
-          const float* src = o.data() + ((base + j) * G + h) * D;
+          const float* src = o.data() + (at[base + j] + qi) * D;
           for (int64_t d = 0; d < D; ++d) dst[d] += w * src[d];
         }
         const float inv = 1.0f / l;
@@ -373,20 +478,112 @@ torch::Tensor decode_attention(const torch::Tensor& query, const std::vector<tor
   return out;
 }
 
+// The checks both entry points make on the caches; returns Hkv.
+int64_t check_caches(const char* name, const torch::Tensor& query, const std::vector<torch::Tensor>& keys,
+                     const std::vector<torch::Tensor>& values) {
+  TORCH_CHECK(query.device().is_cpu() && query.scalar_type() == torch::kFloat32 && query.dim() == 3, name,
+              ": query must be fp32 [N, Hq, D] on the CPU");
+  const int64_t Hq = query.size(1), D = query.size(2);
+  TORCH_CHECK(query.size(0) > 0 && D > 0, name, ": empty query");
+  TORCH_CHECK(!keys.empty() && keys.size() == values.size(), name, ": one key and one value cache per sequence");
+  const int64_t Hkv = keys[0].size(1);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && Hq / Hkv <= kMaxGroup, name, ": unsupported head grouping");
+  for (size_t b = 0; b < keys.size(); ++b) {
+    const auto& k = keys[b];
+    const auto& v = values[b];
+    TORCH_CHECK(k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32 && k.dim() == 4 && v.dim() == 4,
+                name, ": keys and values must be fp32 [1, Hkv, S, D]");
+    TORCH_CHECK(k.size(0) == 1 && k.size(1) == Hkv && k.size(3) == D && v.sizes() == k.sizes(), name,
+                ": cache shapes do not match the query");
+    TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == D && v.stride(3) == 1 && v.stride(2) == D, name,
+                ": cache rows must be contiguous");
+    TORCH_CHECK(k.size(2) > 0, name, ": an empty cache");
+  }
+  return Hkv;
+}
 
-// Append one new row per sequence to its KV buffers: row rows[b] of key_states / value_states
-// [1, H, T, D] goes to bufs[b][0, :, at[b], :] (buffers [1, H, capacity, D], rows contiguous).
-// The one-row parts of a step (plain decode steps) append for all their sequences in one call
-// instead of a few tensor ops per sequence and layer; the caller has made room and moves each
-// layer's length on.
+// One query row (row `first`) that sees the whole cache.
+Group whole_cache(const torch::Tensor& k, const torch::Tensor& v, int64_t first) {
+  return {k.data_ptr<float>(), v.data_ptr<float>(), k.stride(1), v.stride(1), k.size(2), k.size(2), first, 1, nullptr, 0};
+}
+
+// query [N, Hq, D]; keys[b], values[b]: [1, Hkv, S_b, D] (rows contiguous, any head stride).
+// Returns [N, Hq, D]: softmax(scale * q k^T) v per sequence and query head, query head h reading
+// KV head h / (Hq / Hkv).
+torch::Tensor decode_attention(const torch::Tensor& query, const std::vector<torch::Tensor>& keys,
+                               const std::vector<torch::Tensor>& values, double scale) {
+  const int64_t Hkv = check_caches("decode_attention", query, keys, values);
+  TORCH_CHECK((int64_t)keys.size() == query.size(0), "decode_attention: one cache per query row");
+  std::vector<Group> groups;
+  for (size_t b = 0; b < keys.size(); ++b) groups.push_back(whole_cache(keys[b], values[b], (int64_t)b));
+  return attend_groups((query.contiguous() * scale).contiguous(), groups, Hkv);
+}
+
+// ---- tree attention --------------------------------------------------------------------------
+//
+// The rows of several sequences' parts of a step (a decode row, or a lookahead tree: the last
+// token and its draft nodes) against their own caches, in one call. Part p's T_p new rows are the
+// last T_p rows of its cache (keys[p] [1, Hkv, S_p, D], written by this forward); query row n of
+// part row_part[n] sees every cache row before them and the new rows j with visible[n][j] (its
+// ancestors and itself). Its keys are read as the sequence plain decoding would have cached
+// had the draft been accepted up to it, so a one-row part is exactly a decode_attention row.
+// SDPA with a tree mask, called per sequence and layer, costs far more than the arithmetic for
+// these few rows (mask building, dispatch, its blocking).
+torch::Tensor tree_attention(const torch::Tensor& query, const std::vector<torch::Tensor>& keys,
+                             const std::vector<torch::Tensor>& values, const torch::Tensor& row_part,
+                             const torch::Tensor& visible, double scale) {
+  const int64_t Hkv = check_caches("tree_attention", query, keys, values);
+  const int64_t N = query.size(0), P = (int64_t)keys.size();
+  TORCH_CHECK(row_part.scalar_type() == torch::kInt64 && row_part.dim() == 1 && row_part.size(0) == N,
+              "tree_attention: row_part must be int64 [N]");
+  TORCH_CHECK(visible.scalar_type() == torch::kBool && visible.dim() == 2 && visible.size(0) == N,
+              "tree_attention: visible must be bool [N, T]");
+  auto part = row_part.contiguous();
+  auto vis = visible.contiguous();
+  const int64_t* pp = part.data_ptr<int64_t>();
+  const bool* vp = vis.data_ptr<bool>();
+  const int64_t T = vis.size(1);
+  std::vector<int64_t> rows_of(P, 0);
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK(pp[n] >= 0 && pp[n] < P, "tree_attention: row ", n, " names no part");
+    TORCH_CHECK(n == 0 || pp[n] >= pp[n - 1], "tree_attention: rows must be grouped by part, in order");
+    ++rows_of[pp[n]];
+  }
+  std::vector<Group> groups;
+  for (int64_t n = 0; n < N; n += rows_of[pp[n]]) {
+    const int64_t p = pp[n], t = rows_of[p];
+    TORCH_CHECK(t <= T, "tree_attention: part ", p, " has more rows than visible has columns");
+    TORCH_CHECK(t <= keys[p].size(2), "tree_attention: part ", p, " has more rows than its cache");
+    for (int64_t i = 0; i < t; ++i) {
+      const bool* row = vp + (n + i) * T;
+      TORCH_CHECK(row[i], "tree_attention: row ", n + i, " must see itself");
+      for (int64_t j = i + 1; j < T; ++j) TORCH_CHECK(!row[j], "tree_attention: row ", n + i, " sees a later row");
+    }
+    Group g = whole_cache(keys[p], values[p], n);
+    g.prefix = g.len - t;
+    g.rows = t;
+    g.visible = vp + n * T;
+    g.vis_stride = T;
+    groups.push_back(g);
+  }
+  return attend_groups((query.contiguous() * scale).contiguous(), groups, Hkv);
+}
+
+// Append each sequence's new rows to its KV buffers: rows rows[b] .. rows[b] + counts[b] - 1 of
+// key_states / value_states [1, H, T, D] go to bufs[b][0, :, at[b] .., :] (buffers [1, H,
+// capacity, D], rows contiguous). The parts of a step (decode rows, lookahead trees) append for
+// all their sequences in one call instead of a few tensor ops per sequence and layer; the caller
+// has made room and moves each layer's length on.
 void append_rows(const torch::Tensor& key_states, const torch::Tensor& value_states,
                  const std::vector<torch::Tensor>& kbufs, const std::vector<torch::Tensor>& vbufs,
-                 const std::vector<int64_t>& at, const std::vector<int64_t>& rows) {
+                 const std::vector<int64_t>& at, const std::vector<int64_t>& rows, const std::vector<int64_t>& counts) {
   const int64_t N = (int64_t)at.size();
   TORCH_CHECK(key_states.dim() == 4 && key_states.size(0) == 1 && value_states.sizes() == key_states.sizes(),
               "append_rows: new rows must be [1, H, T, D]");
-  TORCH_CHECK((int64_t)rows.size() == N, "append_rows: one source row per buffer");
-  for (int64_t r : rows) TORCH_CHECK(r >= 0 && r < key_states.size(2), "append_rows: no source row ", r);
+  TORCH_CHECK((int64_t)rows.size() == N && (int64_t)counts.size() == N, "append_rows: one source run per buffer");
+  for (int64_t b = 0; b < N; ++b)
+    TORCH_CHECK(counts[b] >= 1 && rows[b] >= 0 && rows[b] + counts[b] <= key_states.size(2), "append_rows: no source row ",
+                rows[b] + counts[b] - 1);
   TORCH_CHECK(key_states.scalar_type() == torch::kFloat32 && value_states.scalar_type() == torch::kFloat32 &&
                   key_states.stride(3) == 1 && value_states.stride(3) == 1,
               "append_rows: fp32 rows with contiguous features");
@@ -397,7 +594,7 @@ void append_rows(const torch::Tensor& key_states, const torch::Tensor& value_sta
       TORCH_CHECK(buf->scalar_type() == torch::kFloat32 && buf->dim() == 4 && buf->size(0) == 1 && buf->size(1) == H &&
                       buf->size(3) == D && buf->stride(3) == 1 && buf->stride(2) == D,
                   "append_rows: a buffer does not match the rows");
-      TORCH_CHECK(at[b] >= 0 && at[b] < buf->size(2), "append_rows: no room at row ", at[b]);
+      TORCH_CHECK(at[b] >= 0 && at[b] + counts[b] <= buf->size(2), "append_rows: no room at row ", at[b] + counts[b] - 1);
     }
   }
   const float* kp = key_states.data_ptr<float>();
@@ -406,10 +603,12 @@ void append_rows(const torch::Tensor& key_states, const torch::Tensor& value_sta
     float* kd = kbufs[b].data_ptr<float>();
     float* vd = vbufs[b].data_ptr<float>();
     for (int64_t h = 0; h < H; ++h) {
-      std::copy_n(kp + h * key_states.stride(1) + rows[b] * key_states.stride(2), D,
-                  kd + h * kbufs[b].stride(1) + at[b] * D);
-      std::copy_n(vp + h * value_states.stride(1) + rows[b] * value_states.stride(2), D,
-                  vd + h * vbufs[b].stride(1) + at[b] * D);
+      for (int64_t r = 0; r < counts[b]; ++r) {
+        std::copy_n(kp + h * key_states.stride(1) + (rows[b] + r) * key_states.stride(2), D,
+                    kd + h * kbufs[b].stride(1) + (at[b] + r) * D);
+        std::copy_n(vp + h * value_states.stride(1) + (rows[b] + r) * value_states.stride(2), D,
+                    vd + h * vbufs[b].stride(1) + (at[b] + r) * D);
+      }
     }
   }
 }
@@ -423,7 +622,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention,
         "softmax(scale q k^T) v for one query row per sequence against its own cache, fp32 CPU",
         py::call_guard<py::gil_scoped_release>());
-  m.def("append_rows", &append_rows, "one new KV row per sequence into its buffers, fp32 CPU",
+  m.def("tree_attention", &tree_attention,
+        "softmax(scale q k^T) v for decode rows and lookahead trees of several sequences, each against its own "
+        "cache, fp32 CPU",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("append_rows", &append_rows, "each sequence's new KV rows into its buffers, fp32 CPU",
         py::call_guard<py::gil_scoped_release>());
   m.attr("vector_width") = Vec::width;
 }

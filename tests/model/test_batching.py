@@ -250,10 +250,11 @@ def test_calls_after_the_loop_ended_run_in_the_caller(runner, tokenizer):
     assert eng.call(threading.current_thread) is threading.current_thread()  # no hang, no engine thread
 
 
-def test_decode_rows_share_one_attention_kernel_call_that_agrees_with_sdpa(runner, tokenizer, stream_kernel):
-    """A step whose parts are one row each, plus a tree (which stays on SDPA), with the C++
-    decode-attention kernel: logits as with SDPA per sequence (fp32 summation order apart) and
-    the same argmax, in a mixed step and in an all-one-row step."""
+def test_decode_rows_and_trees_share_one_attention_kernel_call_that_agrees_with_sdpa(runner, tokenizer, stream_kernel):
+    """A step of one-row parts, lookahead trees and a prefill chunk, with the C++ kernels: the
+    rows and trees in one tree-attention call per layer (the chunk on SDPA), every part's rows
+    appended by the kernel; logits as with SDPA per sequence (fp32 summation order apart) and the
+    same argmax, in a mixed step, a step of trees and one-row parts, and an all-one-row step."""
     import copy
 
     import torch
@@ -271,26 +272,39 @@ def test_decode_rows_share_one_attention_kernel_call_that_agrees_with_sdpa(runne
     tree = StepRows(torch.tensor([5, 6, 7]), torch.tensor([3, 4, 4]), mask)
     tree_cache = runner.new_cache()
     runner.prefill(tree_cache, prompts[0][:3])
-    assert runner.decode_attention is None  # the fixture's runner: SDPA unless set
+    # a tree whose new rows straddle the kernel's 256-key blocks (rows 254..259 of its cache)
+    chain = torch.ones(6, 6, dtype=torch.bool).tril_()
+    chain[3:, 1:3] = False  # rows 3..5 branch off after row 0
+    long_tree = StepRows(torch.tensor(prompts[3][254:260]), torch.tensor([254, 255, 256, 255, 256, 257]), chain)
+    long_cache = runner.new_cache()
+    runner.prefill(long_cache, prompts[3][:254])
+    chunk = StepRows(torch.tensor(prompts[1]), torch.arange(len(prompts[1])), None)
+    assert runner.step_attention is None  # the fixture's runner: SDPA unless set
     calls = []
 
-    def kernel(query, keys, values, scale):
-        calls.append(len(keys))
-        return stream_kernel.decode_attention(query, keys, values, scale)
+    def kernel(query, keys, values, row_part, visible, scale):
+        calls.append((len(keys), query.shape[0]))
+        return stream_kernel.tree_attention(query, keys, values, row_part, visible, scale)
 
-    for parts, kv in ((rows + [tree], caches + [tree_cache]), (rows, caches)):
+    cases = (
+        (rows + [tree, chunk, long_tree], caches + [tree_cache, runner.new_cache(), long_cache], 6, 4 + 3 + 6),
+        (rows + [tree], caches + [tree_cache], 5, 4 + 3),
+        (rows, caches, 4, 4),
+    )
+    for parts, kv, parts_in_kernel, rows_in_kernel in cases:
         reference = runner.step_batch(copy.deepcopy(kv), parts)
-        runner.decode_attention, runner.append_rows = kernel, stream_kernel.append_rows
+        runner.use_kernels(stream_kernel)
+        runner.step_attention = kernel
         calls.clear()
         try:
             got = runner.step_batch(copy.deepcopy(kv), parts)
         finally:
-            runner.decode_attention = runner.append_rows = None
-        assert calls == [len(rows)] * runner.num_layers  # one call per layer, every one-row part
+            runner.use_kernels(None)
+        assert calls == [(parts_in_kernel, rows_in_kernel)] * runner.num_layers  # one call per layer
         for ref, logits in zip(reference, got, strict=True):
             torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
             assert torch.equal(logits.argmax(-1), ref.argmax(-1))
 
 
 def test_the_served_engine_takes_the_decode_kernels(engine, stream_kernel):
-    assert engine.runner.decode_attention is not None and engine.runner.append_rows is not None
+    assert engine.runner.step_attention is not None and engine.runner.append_rows is not None

@@ -1,5 +1,6 @@
-"""The C++ decode-attention kernel (server/stream_linear.cpp): one query row per sequence against
-its own cache, all sequences in one call, equal to SDPA and the same in any batch."""
+"""The C++ attention kernels (server/stream_linear.cpp): decode rows (one query row per sequence)
+and lookahead trees against each sequence's own cache, all sequences in one call, equal to SDPA
+and the same in any batch; and the KV append for every part of a step."""
 
 import pytest
 import torch
@@ -116,22 +117,33 @@ def test_append_rows_writes_each_sequence_s_row_after_its_live_rows(stream_kerne
     keys, values = batch.update(k, v, 0)
     assert len(calls) == 1 and [t.shape[2] for t in keys] == [6, 41]
     assert torch.equal(keys[0][:, :, -1], k[:, :, 0]) and torch.equal(values[1][:, :, -1], v[:, :, 1])
-    # in a step with a tree, the one-row parts take the kernel and the tree the tensor ops
+    # a step with a tree: every part with room takes the kernel, its rows in one run each
     calls.clear()
     k, v = torch.randn(1, 3, 4, 64), torch.randn(1, 3, 4, 64)
     batch = BatchCache(roomy, [3, 1], [0, 3], lambda *a: calls.append(a) or stream_kernel.append_rows(*a))
     keys, values = batch.update(k, v, 0)
-    assert [t.shape[2] for t in keys] == [9, 42] and len(calls) == 1 and calls[0][-1] == [3]
+    assert [t.shape[2] for t in keys] == [9, 42] and len(calls) == 1 and calls[0][-2:] == ([0, 3], [3, 1])
     assert torch.equal(keys[0][:, :, -3:], k[:, :, :3]) and torch.equal(keys[1][:, :, -1], k[:, :, 3])
     assert torch.equal(values[0][:, :, -3:], v[:, :, :3]) and torch.equal(values[1][:, :, -1], v[:, :, 3])
+    # a part without the room grows its buffer through the tensor ops; the others keep the kernel
+    calls.clear()
+    k, v = torch.randn(1, 3, 60, 64), torch.randn(1, 3, 60, 64)
+    batch = BatchCache(roomy, [59, 1], [0, 59], lambda *a: calls.append(a) or stream_kernel.append_rows(*a))
+    keys, values = batch.update(k, v, 0)
+    assert [t.shape[2] for t in keys] == [68, 43] and len(calls) == 1 and calls[0][-2:] == ([59], [1])
+    assert torch.equal(keys[0][:, :, -59:], k[:, :, :59]) and torch.equal(values[1][:, :, -1], v[:, :, 59])
 
 
 def test_append_rows_refuses_a_full_buffer(stream_kernel):
     k = torch.zeros(1, 3, 4, 64)
+    new = torch.ones(1, 3, 2, 64)
     with pytest.raises(RuntimeError, match="no room"):
-        stream_kernel.append_rows(torch.ones(1, 3, 1, 64), torch.ones(1, 3, 1, 64), [k], [k.clone()], [4], [0])
+        stream_kernel.append_rows(new, new, [k], [k.clone()], [4], [0], [1])
+    with pytest.raises(RuntimeError, match="no room"):
+        stream_kernel.append_rows(new, new, [k], [k.clone()], [3], [0], [2])  # the second row would not fit
     with pytest.raises(RuntimeError, match="no source row"):
-        stream_kernel.append_rows(torch.ones(1, 3, 1, 64), torch.ones(1, 3, 1, 64), [k], [k.clone()], [0], [1])
+        stream_kernel.append_rows(new, new, [k], [k.clone()], [0], [1], [2])
+    assert torch.equal(k, torch.zeros(1, 3, 4, 64))  # nothing written by a refused call
 
 
 def test_a_nan_score_anywhere_gives_nan_as_sdpa_does(stream_kernel):
@@ -155,3 +167,107 @@ def test_models_beyond_the_kernel_s_head_grouping_keep_sdpa(tmp_path):
     assert decode_kernels(Settings(cache_dir=tmp_path), runner) is None
     with pytest.raises(RuntimeError, match="16 query heads per KV head"):
         decode_kernels(Settings(cache_dir=tmp_path, decode_attention="kernel"), runner)
+
+
+# ---- tree attention -------------------------------------------------------------------------
+
+
+def tree_inputs(prefixes, masks, hq=9, hkv=3, dim=64, seed=0):
+    """Parts with `prefixes[p]` cached rows before their new rows and `masks[p]` (bool [T, T])
+    over them: the kernel's arguments and SDPA's answer."""
+    torch.manual_seed(seed)
+    counts = [m.shape[0] for m in masks]
+    keys = [cache_view(hkv, p + t, dim) for p, t in zip(prefixes, counts, strict=True)]
+    values = [cache_view(hkv, p + t, dim) for p, t in zip(prefixes, counts, strict=True)]
+    q = torch.randn(sum(counts), hq, dim)
+    row_part = torch.repeat_interleave(torch.arange(len(masks)), torch.tensor(counts))
+    visible = torch.zeros(sum(counts), max(counts), dtype=torch.bool)
+    expected, at = [], 0
+    for p, m, k, v in zip(prefixes, masks, keys, values, strict=True):
+        t = m.shape[0]
+        visible[at : at + t, :t] = m
+        full = torch.ones(t, p + t, dtype=torch.bool)
+        full[:, p:] = m
+        o = F.scaled_dot_product_attention(
+            q[at : at + t].transpose(0, 1)[None], k, v, attn_mask=full, scale=dim**-0.5, enable_gqa=True
+        )
+        expected.append(o[0].transpose(0, 1))
+        at += t
+    return q, keys, values, row_part, visible, torch.cat(expected)
+
+
+def chain(t: int) -> torch.Tensor:
+    return torch.ones(t, t, dtype=torch.bool).tril_()
+
+
+BRANCHING = torch.tensor(
+    [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]], dtype=torch.bool
+)
+
+
+@pytest.mark.parametrize(
+    ("prefixes", "masks"),
+    [
+        ([340], [BRANCHING]),  # one tree
+        ([340, 17, 500, 1], [chain(1), BRANCHING, chain(3), chain(1)]),  # decode rows, trees, a chain
+        ([250], [chain(20)]),  # new rows straddling the 256-key blocks
+        ([0], [chain(4)]),  # nothing cached before the new rows
+        ([300], [chain(64)]),  # a big tree: 192 query vectors in a work item
+    ],
+)
+def test_tree_attention_equals_sdpa_with_the_tree_mask(stream_kernel, prefixes, masks):
+    q, keys, values, row_part, visible, expected = tree_inputs(prefixes, masks)
+    out = stream_kernel.tree_attention(q, keys, values, row_part, visible, 0.125)
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
+
+
+def test_a_row_that_sees_nothing_of_a_block_takes_nothing_from_it(stream_kernel):
+    """New rows 250..269 straddle the blocks: a row that sees only itself and the first new row
+    sees no key of the block [256, 270), which must add nothing (not a NaN, not a share)."""
+    mask = torch.eye(20, dtype=torch.bool)
+    mask[:, 0] = True
+    q, keys, values, row_part, visible, expected = tree_inputs([250], [mask], seed=4)
+    out = stream_kernel.tree_attention(q, keys, values, row_part, visible, 0.125)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
+
+
+def test_a_one_row_part_gets_the_decode_kernel_s_bits_in_any_batch(stream_kernel):
+    """A plain decode row is the same whether it shares a call with trees or not: the kernel's
+    one-row part is bit for bit the decode kernel's row."""
+    q, keys, values, row_part, visible, _ = tree_inputs([340, 17, 1000], [chain(1), BRANCHING, chain(1)], seed=2)
+    together = stream_kernel.tree_attention(q, keys, values, row_part, visible, 0.125)
+    for row, part in ((0, 0), (6, 2)):
+        alone = stream_kernel.decode_attention(q[row : row + 1], keys[part : part + 1], values[part : part + 1], 0.125)
+        assert torch.equal(alone, together[row : row + 1])
+    tree_alone = stream_kernel.tree_attention(
+        q[1:6], keys[1:2], values[1:2], torch.zeros(5, dtype=torch.long), visible[1:6], 0.125
+    )
+    assert torch.equal(tree_alone, together[1:6])
+
+
+@pytest.mark.parametrize(
+    ("row_part", "visible", "message"),
+    [
+        (torch.tensor([0, 1]), torch.tensor([[1, 0], [1, 1]]).bool(), "names no part"),
+        (torch.tensor([0, 0]), torch.tensor([[1, 1], [1, 1]]).bool(), "sees a later row"),
+        (torch.tensor([0, 0]), torch.tensor([[1, 0], [1, 0]]).bool(), "must see itself"),
+        (torch.tensor([0, 0]), torch.tensor([[1], [1]]).bool(), "more rows than visible"),
+        (torch.tensor([0, 0]), torch.tensor([[1, 0], [1, 1], [1, 1]]).bool(), "visible must be bool"),
+        (torch.tensor([0, 0]), torch.tensor([[1, 0], [1, 1]]), "visible must be bool"),
+        (torch.tensor([0, 0]).int(), torch.tensor([[1, 0], [1, 1]]).bool(), "row_part must be int64"),
+    ],
+)
+def test_tree_attention_refuses_a_malformed_layout(stream_kernel, row_part, visible, message):
+    keys = [cache_view(3, 10, 64)]
+    with pytest.raises(RuntimeError, match=message):
+        stream_kernel.tree_attention(torch.randn(2, 9, 64), keys, [k.clone() for k in keys], row_part, visible, 0.125)
+
+
+def test_tree_attention_refuses_parts_out_of_order(stream_kernel):
+    keys = [cache_view(3, 10, 64), cache_view(3, 10, 64)]
+    with pytest.raises(RuntimeError, match="grouped by part"):
+        stream_kernel.tree_attention(
+            torch.randn(2, 9, 64), keys, [k.clone() for k in keys], torch.tensor([1, 0]),
+            torch.ones(2, 1, dtype=torch.bool), 0.125,
+        )  # fmt: skip
