@@ -91,7 +91,7 @@ def matmul_route(settings: Settings, runner: ModelRunner, model_tag: str) -> mat
     if settings.skinny_rows is not None and kernel is not None:
         return matmul.Route(kernel, settings.skinny_rows)
     key = _hardware_key(settings, runner, model_tag, route=False)
-    chosen = matmul.cached_route(runner, settings.cache_dir / "matmul" / f"{key}.json", kernel)
+    chosen = matmul.cached_route(runner, settings.tuning() / "matmul" / f"{key}.json", kernel)
     if settings.skinny_rows is not None:
         chosen = chosen._replace(max_rows=settings.skinny_rows)
     return chosen
@@ -138,7 +138,7 @@ def build_speculator(settings: Settings, runner: ModelRunner, model_tag: str) ->
         except (ValueError, OSError) as exc:
             log.error("ignoring the trie store at %s (%s); starting cold", path, exc)
     # measured now when lookahead is on by default; otherwise at the first request that asks for it
-    cost_path = settings.cache_dir / "step-cost" / f"{_hardware_key(settings, runner, model_tag)}.json"
+    cost_path = settings.tuning() / "step-cost" / f"{_hardware_key(settings, runner, model_tag)}.json"
     cost = StepCost.cached(runner, settings.decoding_length + 1, cost_path) if settings.lookahead else None
     return Speculator(
         store,

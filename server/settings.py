@@ -24,6 +24,11 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="weights/activations dtype")
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu' or 'cuda[:N]'")
     cache_dir: Path = Field(Path(user_cache_dir("trieserve")), description="where the converted default model lives")
+    tuning_dir: Path | None = Field(
+        None,
+        description="where the measured CPU matmul route and forward-cost ladders are kept (unset: CACHE_DIR); "
+        "a measurement taken while other work loads the machine is kept there until deleted",
+    )
     # http
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -119,6 +124,10 @@ class Settings(BaseSettings):
                 raise ValueError(f"cannot read api_key_file {self.api_key_file}: {exc}") from None
             keys += [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
         return keys
+
+    def tuning(self) -> Path:
+        """Where measured routes and cost ladders live: `tuning_dir`, else `cache_dir`."""
+        return self.tuning_dir if self.tuning_dir is not None else self.cache_dir
 
     def resolved_device(self) -> str:
         if self.device != "auto":

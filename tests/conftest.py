@@ -16,6 +16,9 @@ import pytest
 # before any kernel module is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The matmul routes and cost ladders the tests' engines and servers measure (while the suite loads
+# the machine) stay out of the user's cache, where a server started after the tests would take them
+os.environ.setdefault("TRIESERVE_TUNING_DIR", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "tuning"))
 
 
 @pytest.fixture(scope="session")
