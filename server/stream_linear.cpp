@@ -388,10 +388,11 @@ void attend_block(const Group& grp, const float* q, int64_t q_row, int G, int64_
   const int64_t from = std::max(lo, grp.prefix) - lo;  // the block's first new row
   for (int64_t qi = 0; qi < Q; ++qi) {
     float* sc = scores + qi * KB;
-    const bool* sees = masked ? grp.visible + (qi / G) * grp.vis_stride + lo - grp.prefix : nullptr;
+    // which of the block's new rows (from `from` on) this query row sees: sees[r - from]
+    const bool* sees = masked ? grp.visible + (qi / G) * grp.vis_stride + (lo + from - grp.prefix) : nullptr;
     if (masked)
       for (int64_t r = from; r < n; ++r)
-        if (!sees[r]) sc[r] = -INFINITY;
+        if (!sees[r - from]) sc[r] = -INFINITY;
     const float m = max_of(sc, n);  // a NaN score need not win: e^(NaN - m) is NaN, and so is l
     if (m == -INFINITY) {  // the row sees none of these keys
       parts[qi] = {m, 0.0f};
@@ -401,7 +402,7 @@ void attend_block(const Group& grp, const float* q, int64_t q_row, int G, int64_
     exp_shifted(sc, n, m);
     if (masked)
       for (int64_t r = from; r < n; ++r)
-        if (!sees[r]) sc[r] = 0.0f;
+        if (!sees[r - from]) sc[r] = 0.0f;
     parts[qi] = {m, sum_of(sc, n)};
   }
   // the weighted values, KC keys at a time for every query vector
