@@ -55,7 +55,10 @@ def free_port() -> int:
 
 
 def start_server(port: int, log_path: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "trieserve.server.cli", "serve", "--no-lookahead"]
+    # the console script, not `python -m`: run from the checkout, that would put its top-level
+    # kernels/ folder on sys.path ahead of the `kernels` package transformers imports
+    script = Path(sys.executable).parent / "trieserve"
+    cmd = [str(script) if script.is_file() else "trieserve", "serve", "--no-lookahead"]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     log = log_path.open("wb")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

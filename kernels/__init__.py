@@ -5,6 +5,14 @@ Each op `<op>()` dispatches: CUDA tensors run `<op>_triton`, anything else `<op>
 dispatchers always use them.
 """
 
+if __name__ == "kernels":  # found as a top-level package: the checkout's root is on sys.path
+    raise ImportError(
+        f"the top-level name 'kernels' resolved to trieserve's source folder {__path__[0]} "
+        "(trieserve.kernels), because the checkout's root is on sys.path (`python -m` or `python -c` "
+        "run from it). transformers imports the PyPI `kernels` package under that name: start the "
+        "server with the `trieserve` command, or run Python from another directory."
+    )
+
 from .compact_kv import compact_kv, compact_kv_reference, compact_kv_triton
 from .dispatch import HAS_TRITON, get_backend, set_backend
 from .eviction_scores import eviction_scores, eviction_scores_reference, eviction_scores_triton

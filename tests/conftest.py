@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -49,7 +50,6 @@ def hf_model(model_dir):
 def stream_kernel():
     """The C++ few-row matmul kernel (server/stream_linear.cpp), built once per machine. Only a
     machine without a C++ compiler skips the tests that need it; where one exists it must build."""
-    import shutil
 
     from trieserve.server import matmul
     from trieserve.server.settings import Settings
@@ -76,6 +76,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def trieserve_command() -> str:
+    """The `trieserve` console script of this interpreter's environment (as a user starts it;
+    `python -m` from the checkout would put the checkout's top-level folders on sys.path)."""
+    script = Path(sys.executable).parent / "trieserve"
+    found = str(script) if script.is_file() else shutil.which("trieserve")
+    assert found, "the trieserve command is not installed (make install)"
+    return found
+
+
 class LiveServer:
     """`trieserve serve` in a subprocess, exactly as a user starts it."""
 
@@ -83,9 +92,7 @@ class LiveServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
-            sys.executable,
-            "-m",
-            "trieserve.server.cli",
+            trieserve_command(),
             "serve",
             "--port",
             str(self.port),

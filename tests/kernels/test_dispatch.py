@@ -32,8 +32,9 @@ else:
 """
 
 
-def test_import_and_references_without_triton():
-    subprocess.run([sys.executable, "-c", WITHOUT_TRITON], check=True, timeout=120)
+def test_import_and_references_without_triton(tmp_path):
+    # cwd away from the checkout: `-c` puts the working directory first on sys.path
+    subprocess.run([sys.executable, "-c", WITHOUT_TRITON], check=True, timeout=120, cwd=tmp_path)
 
 
 def test_auto_backend_sends_only_cuda_tensors_to_triton():
