@@ -7,7 +7,7 @@ OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 PY=${PY:-.venv/bin/python}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-timeout 240 "$PY" -m pytest -q -m gpu tests/kernels 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
-timeout 200 "$PY" bench/kernels.py --reps 20 2>&1 | tee "$OUT/kernels.txt"
+timeout 240 "$(dirname "$PY")/pytest" -q -m gpu tests/kernels 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+timeout 200 "$PY" bench/triton_kernels.py --reps 20 2>&1 | tee "$OUT/kernels.txt"
 timeout 200 "$PY" bench/decoding.py --workloads code_edit,open_ended --num-prompts 2 --max-new-tokens 128 \
     --output-json "$OUT/decoding_gpu.json" 2>&1 | tail -40 | tee "$OUT/decoding_gpu.txt"

@@ -1,7 +1,7 @@
 """Kernel micro-benchmarks: each Triton kernel against its PyTorch reference.
 
-    python bench/kernels.py            # on a CUDA machine: realistic sizes, fp16 and bf16
-    python bench/kernels.py --reps 50
+    python bench/triton_kernels.py            # on a CUDA machine: realistic sizes, fp16 and bf16
+    python bench/triton_kernels.py --reps 50
 
 Sizes follow Llama-3-8B (32 query heads, 8 KV heads, head_dim 128, vocabulary 128256):
 prefixes of 1k-32k keys, trees of 16-128 tokens. tree_attention is also timed against torch
