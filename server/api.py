@@ -35,6 +35,7 @@ from trieserve.server.protocol import (
     CompletionResponse,
     ErrorResponse,
     Health,
+    ModelCard,
     ModelList,
     SamplingFields,
 )
@@ -69,26 +70,32 @@ def create_app(state: ServerState) -> FastAPI:
     async def metrics():
         return Response(state.metrics.render(state.engine), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def card(model_id: str) -> dict:
+        return {
+            "id": model_id,
+            "object": "model",
+            "created": state.started,
+            "owned_by": "trieserve",
+            "max_model_len": state.max_context or None,
+        }
+
     @app.get("/v1/models", responses={200: {"model": ModelList}, **_errors(401)})
     async def models():
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": state.model_name,
-                    "object": "model",
-                    "created": state.started,
-                    "owned_by": "trieserve",
-                    "max_model_len": state.max_context or None,
-                }
-            ],
-        }
+        return {"object": "list", "data": [card(state.model_name)]}
+
+    @app.get("/v1/models/{model_id:path}", responses={200: {"model": ModelCard}, **_errors(401, 404)})
+    async def model(model_id: str):
+        if model_id not in state.model_names:  # the served name, or its alias "default"
+            raise ModelNotFoundRequestError(
+                f"the model {model_id!r} does not exist; this server serves {state.model_name!r}", "model"
+            )
+        return card(state.model_name)
 
     @app.post("/v1/completions", responses=_generation_responses(CompletionResponse))
     async def completions(body: CompletionRequest, request: Request):
         engine = state.require_engine()
         _check_model(body, state)
-        prompt_ids = _completion_prompt(body, state)
+        prompt_ids = await _completion_prompt(body, state)
         gen = _generation_request(body, prompt_ids, body.max_tokens, state, "prompt")
         echo = _prompt_text(body, prompt_ids, state) if body.echo else None
         return await _respond(request, state, engine, body, gen, chat=False, echo=echo)
@@ -101,7 +108,7 @@ def create_app(state: ServerState) -> FastAPI:
         for i, m in enumerate(messages):
             _check_text(m["content"], f"messages.{i}.content")
         try:
-            prompt_ids = state.encode_chat(messages)
+            prompt_ids = await state.encode_off_loop(state.encode_chat, messages)
         except Exception as exc:  # a template that rejects the conversation (e.g. role order)
             raise InvalidRequestError(f"the chat template rejected these messages: {exc}", "messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens
@@ -268,7 +275,7 @@ def _check_model(body: SamplingFields, state: ServerState) -> None:
         )
 
 
-def _completion_prompt(body: CompletionRequest, state: ServerState) -> list[int]:
+async def _completion_prompt(body: CompletionRequest, state: ServerState) -> list[int]:
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
@@ -278,7 +285,7 @@ def _completion_prompt(body: CompletionRequest, state: ServerState) -> list[int]
         if not prompt:
             raise InvalidRequestError("prompt must not be empty", "prompt")
         _check_text(prompt, "prompt")
-        return state.encode(prompt)
+        return await state.encode_off_loop(state.encode, prompt)
     if not prompt:
         raise InvalidRequestError("prompt must not be empty", "prompt")
     bad = [t for t in prompt if not 0 <= t < state.vocab_size]

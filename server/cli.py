@@ -92,14 +92,23 @@ def serve(settings: Settings) -> int:
     from trieserve.server.state import ServerState
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(ServerState(settings))
-    uvicorn.run(
-        app,
+    state = ServerState(settings)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            first = not self.should_exit
+            super().handle_exit(sig, frame)
+            if first:  # the engine's grace starts now, not after uvicorn's own wait for connections
+                state.begin_shutdown()
+
+    config = uvicorn.Config(
+        create_app(state),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
     )
+    Server(config).run()
     return 0
 
 

@@ -61,7 +61,8 @@ class Engine:
         self.speculator = speculator
         self.eos_ids = _eos_ids(runner.model, tokenizer)
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes > 0 else None
-        self.waiting: queue.Queue[Sequence] = queue.Queue(maxsize=config.max_queue)
+        # bounded by `submit_many`'s room check, which counts only sequences not cancelled
+        self.waiting: queue.Queue[Sequence] = queue.Queue()
         self.running: list[Sequence] = []
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -122,14 +123,26 @@ class Engine:
                 box["error"] = exc
             done.set()
 
-    def stop(self, grace_s: float = 0.0) -> None:
-        """Stop taking requests; let running ones finish for up to `grace_s`, cancel the rest."""
+    def drain(self, grace_s: float = 0.0) -> None:
+        """Stop taking requests; let running and queued ones finish for up to `grace_s`, then end
+        the loop, which finishes the rest as "cancelled" (their clients hear it: a final chunk, a
+        response). The server calls it as the shutdown signal arrives, while connections are
+        still open; `stop` calls it too."""
         self._accepting = False
         deadline = time.monotonic() + grace_s
-        while grace_s > 0 and (self.running or not self.waiting.empty()) and time.monotonic() < deadline:
+        while (
+            grace_s > 0
+            and not self._stopping.is_set()
+            and (self.running or not self.waiting.empty())
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.05)
         self._stopping.set()
         self._wake.set()
+
+    def stop(self, grace_s: float = 0.0) -> None:
+        """`drain`, then wait for the loop to end and save the trie store."""
+        self.drain(grace_s)
         if self._thread is not None:
             self._thread.join(timeout=30)
         if self.speculator is not None:
@@ -140,7 +153,9 @@ class Engine:
 
     @property
     def queue_length(self) -> int:
-        return self.waiting.qsize()
+        """Sequences waiting for a place in the batch (a cancelled one no longer counts)."""
+        with self.waiting.mutex:
+            return sum(not seq.cancelled.is_set() for seq in self.waiting.queue)
 
     # ---- submission (any thread) -------------------------------------------------------------
     def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> Sequence:
@@ -161,7 +176,7 @@ class Engine:
             seq.max_context = self.runner.max_context
             seqs.append(seq)
         with self._submit_lock:  # the room check and the puts as one step
-            if self.waiting.qsize() + len(seqs) > self.config.max_queue:
+            if self.queue_length + len(seqs) > self.config.max_queue:
                 raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting)")
             for seq in seqs:
                 self.waiting.put_nowait(seq)  # only the engine thread takes: the room stays
@@ -181,6 +196,7 @@ class Engine:
         torch.set_grad_enabled(False)
         while not self._stopping.is_set():
             self._run_calls()
+            self._drop_cancelled_waiting()
             self._admit()
             if not self.running:
                 self._wake.wait(timeout=0.5)
@@ -196,6 +212,18 @@ class Engine:
             self._release(seq)  # its output still reaches the shared store saved at stop
             seq.finish("cancelled")
         self.running.clear()
+
+    def _drop_cancelled_waiting(self) -> None:
+        """End the waiting sequences whose clients have gone (a disconnect, a timeout) now, not
+        when a place in the batch frees up."""
+        with self.waiting.mutex:
+            gone = [seq for seq in self.waiting.queue if seq.cancelled.is_set()]
+            if gone:
+                kept = [seq for seq in self.waiting.queue if not seq.cancelled.is_set()]
+                self.waiting.queue.clear()
+                self.waiting.queue.extend(kept)
+        for seq in gone:
+            self._end(seq, "cancelled")
 
     def _admit(self) -> None:
         while len(self.running) < self.config.max_num_seqs:
@@ -252,6 +280,11 @@ class Engine:
         for seq in seqs:
             seq.finish_reason = seq.finish_reason or "error"
             seq.cache = None
+            if self.metrics is not None:  # its work counts, as a cancelled sequence's does
+                try:
+                    self.metrics.finished(seq, len(seq.prompt_ids) if seq.prefilled else 0, len(seq.output_ids), False)
+                except Exception:  # failing the sequence must not fail too
+                    log.exception("could not count a failed sequence's work")
             self._release(seq)
             seq.emit(Failure(exc))
 
@@ -455,29 +488,40 @@ class Engine:
         if speculating and not prefilling:  # a chunk's rows would blur what the decode rows cost
             # the flattened batch computes one row per sequence and draft node
             self.speculator.observe(sum(len(t) + 1 for t in trees), elapsed, len(seqs), any(len(t) for t in trees))
+        # past the shared forward, each sequence's own work (first token, verify, sample, detokenise,
+        # logprobs) that raises fails that sequence only
         for seq, rows in zip(prefilling, logits[len(seqs) :], strict=True):
-            self._prefilled_chunk(seq, rows, elapsed)
+            self._guarded([seq], lambda ss, rows=rows: self._prefilled_chunk(ss[0], rows, elapsed))
         emitted = 0
         for seq, tree, rows in zip(seqs, trees, logits[: len(seqs)], strict=True):
-            if seq.lookahead and len(tree):
-                tokens, kept = self.speculator.accept(seq, tree, rows)
-            else:  # a plain step (no draft this time): the token as plain decoding chooses it
-                seq.logical_len += 1
-                tokens = [choose_token(rows[0], seq.params, seq.prompt_ids, seq.output_ids, seq.generator)]
-                kept = []
-            accepted = len(kept)
-            seq.stats.forward_passes += 1
-            seq.stats.draft_tokens += len(tree)
-            seq.stats.accepted_tokens += accepted
-            # token i was chosen from the row of its parent: the root, then each accepted node
-            used = seq.append(tokens, rows[[0, *kept]] if seq.request.logprobs is not None else None)
-            emitted += len(tokens)
-            seq.pending_token = tokens[-1]
-            seq.stats.decode_s += time.perf_counter() - start
-            if self.metrics is not None:
-                self.metrics.step(len(tree), accepted, used)
+            try:
+                emitted += self._advance(seq, tree, rows, start)
+            except Exception as exc:
+                log.exception("step failed for one sequence")
+                self._fail([seq], exc)
         if speculating and not prefilling:  # a step carrying a chunk says nothing about drafting's payoff
             self.speculator.outcome(len(seqs), any(len(t) for t in trees), emitted, time.perf_counter() - start)
+
+    def _advance(self, seq: Sequence, tree: DraftTree, rows: torch.Tensor, start: float) -> int:
+        """Verify the sequence's tree (or choose its one token) from its logits `rows`, append
+        what it keeps; returns the number of tokens taken."""
+        if seq.lookahead and len(tree):
+            tokens, kept = self.speculator.accept(seq, tree, rows)
+        else:  # a plain step (no draft this time): the token as plain decoding chooses it
+            seq.logical_len += 1
+            tokens = [choose_token(rows[0], seq.params, seq.prompt_ids, seq.output_ids, seq.generator)]
+            kept = []
+        accepted = len(kept)
+        seq.stats.forward_passes += 1
+        seq.stats.draft_tokens += len(tree)
+        seq.stats.accepted_tokens += accepted
+        # token i was chosen from the row of its parent: the root, then each accepted node
+        used = seq.append(tokens, rows[[0, *kept]] if seq.request.logprobs is not None else None)
+        seq.pending_token = tokens[-1]
+        seq.stats.decode_s += time.perf_counter() - start
+        if self.metrics is not None:
+            self.metrics.step(len(tree), accepted, used)
+        return len(tokens)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

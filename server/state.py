@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -29,6 +31,7 @@ class ServerState:
         self.model_names = {self.model_name}
         self.vocab_size = 0
         self.max_context = 0
+        self._tokenize = ThreadPoolExecutor(1, thread_name_prefix="trieserve-tokenize")
 
     @asynccontextmanager
     async def lifespan(self, app):
@@ -39,6 +42,18 @@ class ServerState:
             if self.engine is not None:
                 await asyncio.to_thread(self.engine.stop, self.settings.shutdown_grace_s)
             task.cancel()
+            self._tokenize.shutdown(wait=False)
+
+    def begin_shutdown(self) -> None:
+        """The shutdown signal arrived: drain the engine now, in the background, while the HTTP
+        server still holds its connections (it waits up to the grace plus 5 s for them), so
+        requests that outlast the grace end with finish_reason "cancelled" instead of a cut
+        connection. The lifespan's `engine.stop` then only joins and saves."""
+        engine = self.engine
+        if engine is not None:
+            threading.Thread(
+                target=engine.drain, args=(self.settings.shutdown_grace_s,), name="trieserve-drain", daemon=True
+            ).start()
 
     def load(self) -> None:
         """Load the model and start the engine (runs in a thread; /health says 503 until done)."""
@@ -62,6 +77,12 @@ class ServerState:
         if self.engine is None:
             raise ModelNotReadyError(self.load_error or "the model is still loading; retry shortly")
         return self.engine
+
+    async def encode_off_loop(self, fn, *args) -> list[int]:
+        """`fn(*args)` (encode, encode_chat) on the tokenizer's own thread: a prompt of megabytes
+        takes seconds to tokenize, which on the event loop would stall every stream and /health.
+        One thread, so encodes never run concurrently on the shared tokenizer."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize, fn, *args)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=True)

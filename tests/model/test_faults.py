@@ -22,16 +22,22 @@ class Collector:
             self.done.set()
 
 
+def solo_tokens(engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Each prompt's greedy tokens, served alone."""
+    alone = []
+    for ids in prompts:
+        c = Collector()
+        engine.submit(GenerationRequest(ids, max_tokens, SamplingParams(temperature=0), ignore_eos=True), c)
+        assert c.done.wait(120)
+        alone.append(c.tokens)
+    return alone
+
+
 def test_injected_fault_fails_one_sequence_only(tokenizer):
     engine, _ = build_engine(Settings(max_num_seqs=4, lookahead=False))
     try:
         prompts = [tokenizer.encode(t) for t in ("One, two,", "Red, green,", "Alpha, beta,")]
-        alone = []
-        for ids in prompts:
-            c = Collector()
-            engine.submit(GenerationRequest(ids, 12, SamplingParams(temperature=0), ignore_eos=True), c)
-            assert c.done.wait(120)
-            alone.append(c.tokens)
+        alone = solo_tokens(engine, prompts, 12)
 
         poisoned = prompts[1]
 
@@ -51,6 +57,41 @@ def test_injected_fault_fails_one_sequence_only(tokenizer):
     assert isinstance(failure, Failure) and "injected fault" in str(failure.error)
     assert collectors[0].tokens == alone[0] and collectors[2].tokens == alone[2]
     assert isinstance(collectors[0].events[-1], Finish) and isinstance(collectors[2].events[-1], Finish)
+    assert not engine.running
+
+
+def test_a_fault_after_the_shared_forward_fails_one_sequence_only(tokenizer, monkeypatch):
+    """Past the batch's one forward, each sequence's own work (its first token after a prefill
+    chunk, choosing its next token) that raises fails that sequence, not the step's others."""
+    from trieserve.server import engine as engine_module
+
+    engine, _ = build_engine(Settings(max_num_seqs=4, lookahead=False))
+    try:
+        prompts = [tokenizer.encode(t) for t in ("One, two,", "Red, green,", "Alpha, beta,", "Mon, Tue,")]
+        alone = solo_tokens(engine, prompts, 10)
+        real_choose = engine_module.choose_token
+        at_first, at_third = prompts[1], prompts[2]
+
+        def choose(logits, params, prompt_ids, output_ids, generator):
+            if (prompt_ids == at_first and not output_ids) or (prompt_ids == at_third and len(output_ids) == 3):
+                raise RuntimeError("fault in one sequence")
+            return real_choose(logits, params, prompt_ids, output_ids, generator)
+
+        monkeypatch.setattr(engine_module, "choose_token", choose)
+        collectors = [Collector() for _ in prompts]
+        engine.submit_many(
+            [GenerationRequest(ids, 10, SamplingParams(temperature=0), ignore_eos=True) for ids in prompts], collectors
+        )  # all four queued at once: their prompts share one prefill chunk, then decode together
+        for c in collectors:
+            assert c.done.wait(120)
+    finally:
+        engine.stop()
+    for i in (1, 2):
+        assert isinstance(collectors[i].events[-1], Failure), collectors[i].events[-1]
+        assert "fault in one sequence" in str(collectors[i].events[-1].error)
+    assert collectors[1].tokens == [] and collectors[2].tokens == alone[2][:3]
+    for i in (0, 3):
+        assert isinstance(collectors[i].events[-1], Finish) and collectors[i].tokens == alone[i]
     assert not engine.running
 
 

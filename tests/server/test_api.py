@@ -28,6 +28,11 @@ def test_health_models_metrics(server, client):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     ids = [m.id for m in client.models.list().data]
     assert ids == ["SmolLM2-135M-Instruct"]
+    card = client.models.retrieve(ids[0])
+    assert card.id == ids[0] and card.owned_by == "trieserve"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("no-such-model")
+    assert missing.value.body["code"] == "model_not_found"
     client.completions.create(model=ids[0], prompt="Hello", max_tokens=2, temperature=0)
     text = httpx.get(server.url + "/metrics").text
     for name in (

@@ -1,6 +1,7 @@
 """Queue bound, cancellation and shutdown, on a real server with a tiny queue."""
 
 import asyncio
+import itertools
 import time
 
 import httpx
@@ -117,3 +118,86 @@ def test_submit_many_queues_every_choice_or_none(runner, tokenizer):
     assert engine.queue_length == 1
     seqs = engine.submit_many([request] * 2, [lambda ev: None] * 2)  # 1 + 2 fits
     assert engine.queue_length == 3 and len(seqs) == 2 and seqs[0] is not seqs[1]
+
+
+def test_a_cancelled_waiting_request_gives_its_place_back_at_once(runner, tokenizer):
+    """Clients that time out while queued (and retry) must not fill the queue with requests
+    nobody waits for: the room check skips them, the engine ends them on its next pass."""
+    import queue as queue_module
+
+    from trieserve.decoding.sampling import SamplingParams
+    from trieserve.server.engine import Engine, EngineConfig
+    from trieserve.server.errors import QueueFullError
+    from trieserve.server.sequence import Finish, GenerationRequest
+
+    engine = Engine(runner, tokenizer, EngineConfig(max_queue=2, max_num_seqs=1))  # not started yet
+    request = GenerationRequest(tokenizer.encode("One, two,"), 2, SamplingParams(temperature=0))
+    events: list[queue_module.Queue] = [queue_module.Queue() for _ in range(3)]
+    first, second = engine.submit(request, events[0].put), engine.submit(request, events[1].put)
+    with pytest.raises(QueueFullError):
+        engine.submit(request, lambda ev: None)
+    first.cancelled.set()  # what the HTTP layer does when its client leaves
+    assert engine.queue_length == 1
+    engine.submit(request, events[2].put)  # the cancelled one's place
+    assert engine.queue_length == 2
+    engine.start()
+    try:
+        ends = [_last_event(q) for q in events]
+    finally:
+        engine.stop()
+    assert isinstance(ends[0], Finish) and ends[0].reason == "cancelled"
+    assert [e.reason for e in ends[1:]] == ["length", "length"] and second.output_ids
+
+
+def _last_event(q, timeout: float = 120):
+    from trieserve.server.sequence import Failure, Finish
+
+    while True:
+        ev = q.get(timeout=timeout)
+        if isinstance(ev, Finish | Failure):
+            return ev
+
+
+def test_tokenizing_a_huge_prompt_does_not_stall_other_streams(small_server):
+    """A prompt of megabytes takes seconds to tokenize (then a 400: far over the context); that
+    happens off the event loop, so a running stream keeps streaming and /health keeps answering."""
+    import threading
+
+    body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 60, "temperature": 0, "ignore_eos": True, "stream": True}
+    arrivals: list[float] = []
+    started = threading.Event()
+
+    def consume():
+        with httpx.stream("POST", small_server.url + "/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    arrivals.append(time.monotonic())
+                    if len(arrivals) == 3:
+                        started.set()
+
+    t = threading.Thread(target=consume)
+    t.start()
+    assert started.wait(120)
+    huge = {"prompt": "hello world " * 300_000, "max_tokens": 1}  # 3.6 MB, ~600k tokens
+    sent = time.monotonic()
+    health: list[float] = []
+
+    def probe():
+        while time.monotonic() - sent < 2.0:
+            t0 = time.monotonic()
+            assert httpx.get(small_server.url + "/health", timeout=30).status_code == 200
+            health.append(time.monotonic() - t0)
+            time.sleep(0.1)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    r = httpx.post(small_server.url + "/v1/completions", json=huge, timeout=120)
+    tokenizing = (sent, time.monotonic())
+    prober.join(60)
+    t.join(120)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert tokenizing[1] - tokenizing[0] > 1.0  # it did take a while: the check below means something
+    during = [b - a for a, b in itertools.pairwise(arrivals) if tokenizing[0] <= b <= tokenizing[1] + 0.5]
+    assert during, "the stream sent nothing while the prompt was tokenized"
+    assert max(during) < 1.0, f"a {max(during):.2f} s gap in the stream"
+    assert health and max(health) < 1.0, health
