@@ -64,7 +64,7 @@ class Stats:
 @dataclass
 class Delta:
     text: str
-    token_ids: list[int]
+    token_ids: list[int]  # the tokens since the last Delta (one whose text is held back comes later)
     logprobs: list[TokenLogprob] | None = None  # the tokens' since the last Delta, when asked
     prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. (first Delta, when asked)
 
@@ -157,6 +157,7 @@ class Sequence:
         self.evict_at: int | None = None
         self.state: dict = {}  # per-sequence data of the speculation machinery (tries, budgets)
         self.unsent_logprobs: list[TokenLogprob] = []  # held with their text until it is sent
+        self.unsent_ids: list[int] = []  # likewise the tokens themselves
         self.prompt_logprobs: list[TokenLogprob] | None = None  # filled during prefill, sent once
 
     @property
@@ -186,11 +187,13 @@ class Sequence:
         want = self.request.logprobs
         if want is not None and logits is not None:
             self.unsent_logprobs += token_logprobs(logits, tokens[:used], want)
+        self.unsent_ids += tokens[:used]
         text = self.text.pending(final=self.done)
         if text or self.done or self.prompt_logprobs is not None:  # an echoed prompt's go out at once
             sent, self.unsent_logprobs = self.unsent_logprobs, []
+            ids, self.unsent_ids = self.unsent_ids, []
             prompt, self.prompt_logprobs = self.prompt_logprobs, None
-            self.emit(Delta(text, tokens[:used], sent if want is not None else None, prompt))
+            self.emit(Delta(text, ids, sent if want is not None else None, prompt))
         return used
 
     def finish(self, reason: str | None = None) -> None:

@@ -37,6 +37,20 @@ def test_text_held_back_until_safe(tokenizer):
     assert partial + tracker.pending(final=True) == "hello there"
 
 
+def test_every_token_reaches_a_delta_even_when_its_text_is_held_back(tokenizer):
+    """A token whose text waits (a possible stop string's start, half of a multi-byte character)
+    travels with the next text that is sent: the Deltas' token ids are the whole output."""
+    tokens = tokenizer.encode(" ok 🙂 fine alpha beta", add_special_tokens=False)
+    seq, events = make_seq(tokenizer, stop=["beta gamma"], max_tokens=len(tokens))
+    for tok in tokens:
+        seq.append([tok])
+    assert seq.finish_reason == "length"
+    deltas = [e for e in events if isinstance(e, Delta)]
+    assert len(deltas) < len(tokens)  # some tokens' text was held back ...
+    assert [t for e in deltas for t in e.token_ids] == seq.output_ids == tokens  # ... not their ids
+    assert "".join(e.text for e in deltas) == " ok 🙂 fine alpha beta"
+
+
 def test_eos_inside_accepted_chunk_stops_there(tokenizer):
     a = tokenizer.encode(" yes", add_special_tokens=False)
     seq, events = make_seq(tokenizer)
