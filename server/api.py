@@ -85,6 +85,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models/{model_id:path}", responses={200: {"model": ModelCard}, **_errors(401, 404)})
     async def model(model_id: str):
+        if not model_id:  # /v1/models/
+            return await models()
         if model_id not in state.model_names:  # the served name, or its alias "default"
             raise ModelNotFoundRequestError(
                 f"the model {model_id!r} does not exist; this server serves {state.model_name!r}", "model"

@@ -95,11 +95,11 @@ def serve(settings: Settings) -> int:
     state = ServerState(settings)
 
     class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:
-            first = not self.should_exit
-            super().handle_exit(sig, frame)
-            if first:  # the engine's grace starts now, not after uvicorn's own wait for connections
-                state.begin_shutdown()
+        async def shutdown(self, sockets=None) -> None:
+            # the engine's grace starts as the server begins to shut down, not after its own
+            # wait for open connections, so those hear how their requests ended
+            state.begin_shutdown()
+            await super().shutdown(sockets)
 
     config = uvicorn.Config(
         create_app(state),

@@ -128,14 +128,10 @@ class Engine:
         the loop, which finishes the rest as "cancelled" (their clients hear it: a final chunk, a
         response). The server calls it as the shutdown signal arrives, while connections are
         still open; `stop` calls it too."""
-        self._accepting = False
+        with self._submit_lock:  # no submit is half done past this point
+            self._accepting = False
         deadline = time.monotonic() + grace_s
-        while (
-            grace_s > 0
-            and not self._stopping.is_set()
-            and (self.running or not self.waiting.empty())
-            and time.monotonic() < deadline
-        ):
+        while grace_s > 0 and not self._stopping.is_set() and self._busy() and time.monotonic() < deadline:
             time.sleep(0.05)
         self._stopping.set()
         self._wake.set()
@@ -151,6 +147,11 @@ class Engine:
             except OSError as exc:
                 log.error("could not save the trie store: %s", exc)
 
+    def _busy(self) -> bool:
+        """Whether a sequence is running or waiting (under the lock `_admit` moves them with)."""
+        with self._submit_lock:
+            return bool(self.running) or not self.waiting.empty()
+
     @property
     def queue_length(self) -> int:
         """Sequences waiting for a place in the batch (a cancelled one no longer counts)."""
@@ -164,8 +165,6 @@ class Engine:
     def submit_many(self, requests: list[GenerationRequest], emits: list[Callable[[Event], None]]) -> list[Sequence]:
         """Queue all of `requests` (an `n` > 1 request's choices) or none: QueueFullError when
         the queue lacks room for all of them."""
-        if not self._accepting:
-            raise ServerShuttingDownError("the server is shutting down")
         seqs = []
         for request, emit in zip(requests, emits, strict=True):
             if request.kv_regrow is not None and 0 < request.kv_regrow < self.config.kv_window:
@@ -175,7 +174,9 @@ class Engine:
             seq.lookahead = seq.lookahead and self.speculator is not None
             seq.max_context = self.runner.max_context
             seqs.append(seq)
-        with self._submit_lock:  # the room check and the puts as one step
+        with self._submit_lock:  # the room check and the puts as one step, after drain's or before
+            if not self._accepting:
+                raise ServerShuttingDownError("the server is shutting down")
             if self.queue_length + len(seqs) > self.config.max_queue:
                 raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting)")
             for seq in seqs:
@@ -216,22 +217,24 @@ class Engine:
     def _drop_cancelled_waiting(self) -> None:
         """End the waiting sequences whose clients have gone (a disconnect, a timeout) now, not
         when a place in the batch frees up."""
-        with self.waiting.mutex:
-            gone = [seq for seq in self.waiting.queue if seq.cancelled.is_set()]
+        gone, kept = [], []
+        with self.waiting.mutex:  # one pass: a client cancelling meanwhile lands in one list
+            for seq in self.waiting.queue:
+                (gone if seq.cancelled.is_set() else kept).append(seq)
             if gone:
-                kept = [seq for seq in self.waiting.queue if not seq.cancelled.is_set()]
                 self.waiting.queue.clear()
                 self.waiting.queue.extend(kept)
         for seq in gone:
-            self._end(seq, "cancelled")
+            self._guarded([seq], lambda ss: self._end(ss[0], "cancelled"))
 
     def _admit(self) -> None:
         while len(self.running) < self.config.max_num_seqs:
-            try:
-                seq = self.waiting.get_nowait()
-            except queue.Empty:
-                return
-            self.running.append(seq)
+            with self._submit_lock:  # from waiting to running in one step, as `_busy` sees it
+                try:
+                    seq = self.waiting.get_nowait()
+                except queue.Empty:
+                    return
+                self.running.append(seq)
 
     def _round(self) -> None:
         """One forward for every sequence past prefill (a decode step) together with the next
@@ -278,6 +281,9 @@ class Engine:
 
     def _fail(self, seqs: list[Sequence], exc: Exception) -> None:
         for seq in seqs:
+            if seq.failed:  # already failed in this step (its own work, then the step's)
+                continue
+            seq.failed = True
             seq.finish_reason = seq.finish_reason or "error"
             seq.cache = None
             if self.metrics is not None:  # its work counts, as a cancelled sequence's does

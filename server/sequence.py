@@ -158,6 +158,7 @@ class Sequence:
         self.state: dict = {}  # per-sequence data of the speculation machinery (tries, budgets)
         self.unsent_logprobs: list[TokenLogprob] = []  # held with their text until it is sent
         self.unsent_ids: list[int] = []  # likewise the tokens themselves
+        self.failed = False  # the engine sent this sequence a Failure
         self.prompt_logprobs: list[TokenLogprob] | None = None  # filled during prefill, sent once
 
     @property
@@ -199,6 +200,11 @@ class Sequence:
     def finish(self, reason: str | None = None) -> None:
         if reason is not None and self.finish_reason is None:
             self.finish_reason = reason
+        text = self.text.pending(final=True)  # a cancelled sequence's held-back text and tokens
+        if text or self.unsent_ids:
+            sent, self.unsent_logprobs = self.unsent_logprobs, []
+            ids, self.unsent_ids = self.unsent_ids, []
+            self.emit(Delta(text, ids, sent if self.request.logprobs is not None else None))
         self.emit(
             Finish(
                 self.finish_reason or "stop",

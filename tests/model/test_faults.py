@@ -124,3 +124,35 @@ def test_a_failing_round_fails_its_requests_and_the_engine_keeps_serving(tokeniz
         assert not engine.running
     finally:
         engine.stop()
+
+
+def test_a_cancelled_waiting_request_whose_end_fails_does_not_stop_the_engine(tokenizer):
+    """Waiting requests whose clients left are ended between rounds; a failure there (here: the
+    metrics, for that one request) fails that request, and the worker keeps serving."""
+    target: dict = {}
+
+    class Metrics:
+        def __getattr__(self, name):
+            def record(*args, **kwargs):
+                if name == "finished" and args and args[0] is target.get("seq"):
+                    raise RuntimeError("metrics exploded")
+
+            return record
+
+    engine, _ = build_engine(Settings(lookahead=False, max_num_seqs=1), metrics=Metrics())
+    try:
+        ids = tokenizer.encode("One, two,")
+        running = Collector()
+        engine.submit(GenerationRequest(ids, 40, SamplingParams(temperature=0), ignore_eos=True), running)
+        waiting = Collector()  # queued behind the running one: one place in the batch
+        target["seq"] = engine.submit(GenerationRequest(ids, 4, SamplingParams(temperature=0)), waiting)
+        target["seq"].cancelled.set()
+        assert waiting.done.wait(120)
+        assert isinstance(waiting.events[-1], Failure) and "metrics exploded" in str(waiting.events[-1].error)
+        later = Collector()
+        engine.submit(GenerationRequest(ids, 4, SamplingParams(temperature=0), ignore_eos=True), later)
+        assert later.done.wait(120) and running.done.wait(120)
+        assert isinstance(later.events[-1], Finish) and len(later.tokens) == 4
+        assert isinstance(running.events[-1], Finish) and len(running.tokens) == 40
+    finally:
+        engine.stop()

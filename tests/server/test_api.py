@@ -33,6 +33,7 @@ def test_health_models_metrics(server, client):
     with pytest.raises(openai.NotFoundError) as missing:
         client.models.retrieve("no-such-model")
     assert missing.value.body["code"] == "model_not_found"
+    assert httpx.get(server.url + "/v1/models/").json()["data"][0]["id"] == ids[0]
     client.completions.create(model=ids[0], prompt="Hello", max_tokens=2, temperature=0)
     text = httpx.get(server.url + "/metrics").text
     for name in (

@@ -196,8 +196,11 @@ def test_tokenizing_a_huge_prompt_does_not_stall_other_streams(small_server):
     prober.join(60)
     t.join(120)
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
-    assert tokenizing[1] - tokenizing[0] > 1.0  # it did take a while: the check below means something
+    took = tokenizing[1] - tokenizing[0]
+    assert took > 1.0  # it did take a while: the checks below mean something
+    # on the event loop, one gap in the stream and one /health call would last the whole
+    # tokenization; off it, they stay at a step's time (the bound leaves room for a loaded machine)
     during = [b - a for a, b in itertools.pairwise(arrivals) if tokenizing[0] <= b <= tokenizing[1] + 0.5]
     assert during, "the stream sent nothing while the prompt was tokenized"
-    assert max(during) < 1.0, f"a {max(during):.2f} s gap in the stream"
-    assert health and max(health) < 1.0, health
+    assert max(during) < took / 2, f"a {max(during):.2f} s gap in the stream during {took:.2f} s"
+    assert health and max(health) < took / 2, (health, took)

@@ -134,3 +134,16 @@ def test_merged_stats_of_n_choices():
     assert (merged["kv_tokens_total"], merged["kv_tokens_kept"], merged["kv_evictions"]) == (364, 73, 3)
     assert merged["cached_prompt_tokens"] == 64
     assert merged["tokens_per_forward"] == round(90 / 81, 4)
+
+
+def test_a_cancelled_sequence_sends_its_held_back_text_and_tokens_before_it_ends(tokenizer):
+    tokens = tokenizer.encode(" alpha beta", add_special_tokens=False)
+    seq, events = make_seq(tokenizer, stop=["beta gamma"])
+    seq.append(tokens)  # " beta" could start the stop string: held back
+    held = "".join(e.text for e in events)
+    assert held != " alpha beta"
+    seq.finish("cancelled")
+    assert isinstance(events[-1], Finish) and events[-1].reason == "cancelled"
+    deltas = [e for e in events if isinstance(e, Delta)]
+    assert "".join(e.text for e in deltas) == " alpha beta"
+    assert [t for e in deltas for t in e.token_ids] == tokens
