@@ -763,8 +763,11 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
         errors = exc.errors()
         first = errors[0] if errors else {}
         param, _ = _field_path(first.get("loc", ()))
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if first.get("type") == "json_invalid":
             message, param = "the request body is not valid JSON", None
+        elif param is None and kind != "application/json":  # e.g. curl -d's form type: not parsed
+            message = f"send the body as JSON with Content-Type: application/json (got {kind or 'none'!r})"
         else:
             # a field that takes several types fails once per type: name the field and the types
             same = [e for e in errors if _field_path(e.get("loc", ()))[0] == param]

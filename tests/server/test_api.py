@@ -273,6 +273,16 @@ def test_malformed_json_gets_400(server):
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
+def test_a_json_body_sent_with_another_content_type_gets_a_400_that_says_so(server):
+    body = b'{"prompt": "Hi", "max_tokens": 2}'
+    r = httpx.post(
+        server.url + "/v1/completions", content=body, headers={"content-type": "application/x-www-form-urlencoded"}
+    )  # what `curl -d` sends without -H
+    assert r.status_code == 400
+    message = r.json()["error"]["message"]
+    assert "Content-Type: application/json" in message and "application/x-www-form-urlencoded" in message
+
+
 def test_sdk_raises_bad_request(client):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=[], max_tokens=5)
