@@ -752,6 +752,11 @@ def _field_path(loc) -> tuple[str | None, str | None]:
     return ".".join(parts) or None, None
 
 
+def _json_type(kind: str) -> bool:
+    """Whether FastAPI parses a body of this content type as JSON (application/json, */*+json)."""
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
 def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
     @app.exception_handler(TrieserveError)
     async def domain_error(request: Request, exc: TrieserveError):
@@ -766,7 +771,7 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if first.get("type") == "json_invalid":
             message, param = "the request body is not valid JSON", None
-        elif param is None and kind != "application/json":  # e.g. curl -d's form type: not parsed
+        elif param is None and not _json_type(kind):  # no type or a form type (curl -d): not parsed
             message = f"send the body as JSON with Content-Type: application/json (got {kind or 'none'!r})"
         else:
             # a field that takes several types fails once per type: name the field and the types

@@ -76,6 +76,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def metric(url: str, name: str) -> float:
+    """The value of an unlabelled metric in the server's /metrics."""
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
 def trieserve_command() -> str:
     """The `trieserve` console script of this interpreter's environment (as a user starts it;
     `python -m` from the checkout would put the checkout's top-level folders on sys.path)."""

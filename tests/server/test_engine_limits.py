@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, metric
 
 
 @pytest.fixture(scope="module")
@@ -17,15 +17,8 @@ def small_server(model_dir):
     srv.stop()
 
 
-def _metric(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"no {name} in /metrics")
-
-
 def _running(url: str) -> float:
-    return _metric(url, "trieserve_running_requests")
+    return metric(url, "trieserve_running_requests")
 
 
 def test_full_queue_gets_429_with_retry_after(small_server):
@@ -57,7 +50,7 @@ def test_n_choices_queue_all_or_none(small_server):
 
     codes = sorted(r.status_code for r in asyncio.run(fire()))
     assert codes.count(200) >= 1 and set(codes) <= {200, 429}
-    assert _metric(small_server.url, "trieserve_queue_length") == 0
+    assert metric(small_server.url, "trieserve_queue_length") == 0
 
 
 def test_client_leaving_a_non_streaming_request_cancels_it(small_server):
@@ -85,7 +78,7 @@ def test_client_disconnect_cancels_generation(small_server):
         "ignore_eos": True,
         "stream": True,
     }
-    before = _metric(small_server.url, "trieserve_generation_tokens_total")
+    before = metric(small_server.url, "trieserve_generation_tokens_total")
     with httpx.stream("POST", small_server.url + "/v1/completions", json=body, timeout=60) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i > 3:
@@ -96,7 +89,7 @@ def test_client_disconnect_cancels_generation(small_server):
         time.sleep(0.1)
     assert _running(small_server.url) == 0
     # the tokens it generated before it left are counted, like every other request's
-    assert _metric(small_server.url, "trieserve_generation_tokens_total") - before >= 2
+    assert metric(small_server.url, "trieserve_generation_tokens_total") - before >= 2
     start = time.monotonic()
     r = httpx.post(
         small_server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "temperature": 0}, timeout=60

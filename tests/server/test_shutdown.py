@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, metric
 
 
 def test_sigterm_drains_running_stream(model_dir):
@@ -66,9 +66,11 @@ def test_requests_outlasting_the_grace_end_cancelled_not_cut(model_dir):
     try:
         assert first.wait(120)
         deadline = time.monotonic() + 60
-        while running(srv.url) < 2 and time.monotonic() < deadline:  # both are in the engine
+        while (
+            metric(srv.url, "trieserve_running_requests") < 2 and time.monotonic() < deadline
+        ):  # both are in the engine
             time.sleep(0.1)
-        assert running(srv.url) == 2
+        assert metric(srv.url, "trieserve_running_requests") == 2
         signalled = time.monotonic()
         srv.proc.send_signal(signal.SIGTERM)
         for t in threads:
@@ -86,10 +88,3 @@ def test_requests_outlasting_the_grace_end_cancelled_not_cut(model_dir):
     assert choice["finish_reason"] == "cancelled" and choice["text"]
     assert took < 2 + 5, f"exit {took:.1f} s after the signal"
     assert code in (0, -signal.SIGTERM)
-
-
-def running(url: str) -> float:
-    line = next(
-        ln for ln in httpx.get(url + "/metrics").text.splitlines() if ln.startswith("trieserve_running_requests ")
-    )
-    return float(line.split()[-1])

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.conftest import metric
+
 MAX_TOKENS = 4
 CONCURRENCY = 8
 REQUESTS = 240
@@ -92,13 +94,6 @@ async def streamed(
             finish = choice["finish_reason"] or finish
     assert finish in ("stop", "length")
     return 200, "".join(parts)
-
-
-def metric(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"no metric {name}")
 
 
 def wait_idle(url: str, timeout: float = 30) -> None:
